@@ -1,0 +1,142 @@
+"""Typed view of ``params.yaml``: the one source of parameters for stages, flows and the service.
+
+Unknown keys are errors (``extra="forbid"``), so a typo in params.yaml fails loudly instead of
+silently training with a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    name: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
+    sources: list[str] = Field(default_factory=list)
+    imagefolder_root: str | None = None
+    image_size: int = Field(28, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    download_timeout_s: float = Field(30.0, gt=0)
+
+
+class ValidateParams(_Section):
+    max_class_share_deviation: float = Field(0.02, ge=0.0, le=1.0)
+    min_images_per_class: int = Field(1, ge=1)
+    allow_train_test_duplicates: bool = False
+
+
+class LoaderGrid(_Section):
+    num_workers: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    pin_memory: list[bool] = Field(default_factory=lambda: [False])
+    prefetch_factor: list[int] = Field(default_factory=lambda: [2])
+
+
+class DataloaderCheckParams(_Section):
+    overfit_steps: int = Field(60, ge=1)
+    overfit_batch_size: int = Field(64, ge=2)
+    overfit_lr: float = Field(0.003, gt=0)
+    overfit_max_loss: float = Field(0.05, gt=0)
+    throughput_batches: int = Field(30, ge=1)
+    grid: LoaderGrid = Field(default_factory=LoaderGrid)
+
+
+class TrainParams(_Section):
+    model: str = "resnet_small"
+    width: int = Field(32, ge=4)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(256, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.2, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip_norm: float = Field(5.0, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    augment: bool = True
+    threads: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    mlflow_experiment: str = "imageclf"
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(1000, ge=1)
+    tta_flip: bool = True
+
+
+class ProfileParams(_Section):
+    steps: int = Field(8, ge=1)
+    warmup: int = Field(2, ge=0)
+    batch_size: int = Field(256, ge=1)
+    top_k_ops: int = Field(15, ge=1)
+
+
+class OptimizeParams(_Section):
+    calibration_images: int = Field(512, ge=1)
+    max_accuracy_drop: float = Field(0.005, ge=0)
+    eval_images: int = Field(10000, ge=1)
+
+
+class ExportParams(_Section):
+    opset: int = Field(18, ge=11)
+    compare_images: int = Field(512, ge=1)
+    max_abs_diff: float = Field(1e-4, gt=0)
+    min_argmax_agreement: float = Field(0.999, ge=0, le=1)
+
+
+class BenchmarkParams(_Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    warmup: int = Field(10, ge=0)
+    iterations: int = Field(100, ge=1)
+    threads: int = Field(0, ge=0)
+
+
+class Params(_Section):
+    seed: int = 42
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    dataloader_check: DataloaderCheckParams = Field(default_factory=DataloaderCheckParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    profile: ProfileParams = Field(default_factory=ProfileParams)
+    optimize: OptimizeParams = Field(default_factory=OptimizeParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing or holds a value the project cannot use."""
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Read and check params.yaml (default: the project's), raising one readable ParamsError."""
+    from imageclf.paths import get_paths
+
+    path = Path(path) if path else get_paths().params
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ParamsError(
+            f"{path} does not exist: run from the project folder or set IMAGECLF_ROOT."
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ParamsError(
+            f"{path} has invalid parameters: {problems}. Fix them and rerun."
+        ) from exc

@@ -1,0 +1,242 @@
+"""The training loop and batched inference: plain PyTorch, one place, used by every stage.
+
+Shape follows torchvision's reference classification script: explicit train/eval modes,
+``zero_grad(set_to_none=True)``, gradient clipping, a per-step LR schedule, AMP where a GPU makes
+it pay, and a callback after every epoch (the stage uses it to checkpoint and log to MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from imageclf.config import TrainParams
+from imageclf.data.loaders import LoaderSettings, make_loader
+from imageclf.data.store import Split
+from imageclf.models import FlipTTA
+from imageclf.transforms import random_augment, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a generator for augmentation randomness."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: int) -> None:
+    """0 keeps torch's default (one per core); anything else pins intra-op threads."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    lr: float
+    seconds: float
+    images_per_second: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.epochs[-1]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+    """SGD/AdamW with no weight decay on BatchNorm and bias parameters (they only rescale)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "onecycle" and total_steps >= 10:  # shorter runs cannot warm up
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total_steps,
+            pct_start=0.25,
+            div_factor=10.0,
+            final_div_factor=100.0,
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train_model(
+    model: nn.Module,
+    train: Split,
+    val: Split | None,
+    cfg: TrainParams,
+    *,
+    seed: int,
+    loader: LoaderSettings | None = None,
+    device: torch.device | None = None,
+    on_epoch_end: Callable[[EpochMetrics, nn.Module, torch.optim.Optimizer], None] | None = None,
+    progress: bool = True,
+) -> TrainHistory:
+    """Train ``model`` in place; return per-epoch metrics."""
+    device = device or select_device()
+    generator = seed_everything(seed)
+    model.to(device=device, memory_format=torch.channels_last)
+    train_loader = make_loader(
+        train,
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed,
+        settings=loader,
+        drop_last=len(train) > cfg.batch_size,
+    )
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    use_amp = (
+        device.type == "cuda"
+    )  # CPU autocast (bf16) is slower than fp32 without AMX/avx512-bf16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history = TrainHistory()
+    step = 0
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=None if progress else True,
+            leave=False,
+            mininterval=2.0,
+        )
+        for images, labels in bar:
+            if step >= total_steps:
+                break
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            if cfg.augment:
+                images = (
+                    random_augment(images, generator)
+                    if device.type == "cpu"
+                    else random_augment(images.cpu(), generator).to(device)
+                )
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(images)
+                loss = criterion(logits, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Loss became {loss.item()} at epoch {epoch}, step {step}: lower train.lr "
+                    "or check the data."
+                )
+            scaler.scale(loss).backward()
+            if cfg.grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            batch = labels.numel()
+            loss_sum += loss.item() * batch
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += batch
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        seconds = time.perf_counter() - t0
+        val_loss = val_acc = None
+        if val is not None and len(val):
+            val_loss, val_acc = evaluate_loss_accuracy(
+                model, val, criterion, cfg.batch_size, device
+            )
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=loss_sum / max(seen, 1),
+            train_accuracy=correct / max(seen, 1),
+            val_loss=val_loss,
+            val_accuracy=val_acc,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=seconds,
+            images_per_second=seen / max(seconds, 1e-9),
+        )
+        history.epochs.append(metrics)
+        log.info("epoch %d: %s", epoch, metrics.as_dict())
+        if on_epoch_end:
+            on_epoch_end(metrics, model, optimizer)
+        if step >= total_steps:
+            break
+    history.seconds = time.perf_counter() - started
+    return history
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    batch_size: int = 1000,
+    tta_flip: bool = False,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Logits for uint8 NHWC images; with ``tta_flip`` averages with the mirrored image."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size]).to(
+            device, memory_format=torch.channels_last
+        )
+        out.append((FlipTTA(model) if tta_flip else model)(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.inference_mode()
+def evaluate_loss_accuracy(
+    model: nn.Module, split: Split, criterion: nn.Module, batch_size: int, device: torch.device
+) -> tuple[float, float]:
+    logits = predict_logits(model, split.images, batch_size, device=device)
+    labels = torch.from_numpy(split.labels)
+    loss = float(criterion(logits, labels))
+    return (loss if math.isfinite(loss) else float("inf")), float(
+        (logits.argmax(1) == labels).float().mean()
+    )

@@ -1,0 +1,166 @@
+"""Model zoo: every architecture the project can train, behind one registry.
+
+To add a model, write a function ``(num_classes, in_channels, width) -> nn.Module`` and decorate it
+with ``@register("name")``; ``params.yaml`` ``train.model: name`` then trains it everywhere
+(DVC stage, Prefect flow, export, serving) with no other change.
+
+Every model starts with :class:`Normalize`, so its input contract is the one of
+``imageclf.transforms.to_model_input`` (float32 NCHW in [0, 1]) and an exported ONNX file needs
+no side-channel knowledge of dataset statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ModelFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def deco(fn: ModelFactory) -> ModelFactory:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 1,
+    width: int = 32,
+    mean: float = 0.5,
+    std: float = 0.5,
+) -> nn.Module:
+    """Build a registered model with its input normalization baked in."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown model {name!r}; choose one of {available_models()} (params.yaml train.model)."
+        )
+    body = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width)
+    return nn.Sequential(Normalize(mean, std, in_channels), body)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the dataset's statistics as buffers (saved in the state_dict)."""
+
+    def __init__(self, mean: float, std: float, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.full((1, channels, 1, 1), float(mean)))
+        self.register_buffer("std", torch.full((1, channels, 1, 1), float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    """3x3 conv without bias (BatchNorm supplies it), BN, optional ReLU."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with an identity shortcut (He et al., 2016), for equal in/out shapes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(channels, channels), conv_bn(channels, channels, relu=False)
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.body(x))
+
+
+@register("simple_cnn")
+def simple_cnn(num_classes: int, in_channels: int, width: int = 32) -> nn.Module:
+    """The classic two-conv baseline (PyTorch's MNIST example shape): a reference point."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.25),
+        nn.LazyLinear(128),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(128, num_classes),
+    )
+
+
+@register("resnet_small")
+def resnet_small(num_classes: int, in_channels: int, width: int = 32) -> nn.Module:
+    """A small ResNet sized for the FLOP budget of a 2-core CPU.
+
+    Full resolution only for a cheap stem; the work happens at 1/2 and 1/4 resolution, where a
+    residual block costs a quarter (then a sixteenth) of what it would at full size.
+    """
+    w = width
+    return nn.Sequential(
+        conv_bn(in_channels, w),
+        conv_bn(w, 2 * w, stride=2),
+        ResidualBlock(2 * w),
+        conv_bn(2 * w, 4 * w, stride=2),
+        ResidualBlock(4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation inside the graph: average log-probabilities of x and its mirror.
+
+    Baked into the exported model so that what is served is exactly what was evaluated.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x).log_softmax(1) + self.model(x.flip(3)).log_softmax(1)) / 2
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Return a copy with every Conv2d -> BatchNorm2d pair (inside a Sequential) folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in itertools.pairwise(names):
+                conv, bn = module._modules[first], module._modules[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                    module._modules[second] = nn.Identity()
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return model

@@ -1,0 +1,114 @@
+"""MLflow set-up in one place: which store, which experiment, which tags tie a run to code and data.
+
+MLflow's default URI is relative to the current directory, so processes started elsewhere would
+silently write to another database. We resolve it to an absolute path once, here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from imageclf.paths import ProjectPaths
+
+
+def tracking_uri(paths: ProjectPaths) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a SQLite file in the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+
+
+def setup_mlflow(paths: ProjectPaths, experiment: str) -> str:
+    """Point MLflow at the project's store and experiment; return the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(paths))
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        mlflow.set_experiment(experiment)
+        return found.experiment_id
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+        artifacts = paths.mlflow_artifacts.as_uri()
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+    return experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """The commit the code came from, with ``-dirty`` when the work tree has changes."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(params: Any) -> str:
+    """Stable short hash of the full parameter set (pydantic model or plain dict)."""
+    data = params.model_dump(by_alias=True) if hasattr(params, "model_dump") else params
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1} for mlflow.log_params."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: value}
+
+
+def log_to_run(
+    paths: ProjectPaths,
+    run_id: str | None,
+    metrics: dict[str, float],
+    artifacts: list[Path] | None = None,
+    prefix: str = "",
+) -> bool:
+    """Add a later stage's metrics and files to the training run (skipped when there is none).
+
+    Evaluation and benchmark numbers belong to the run that produced the model, so the MLflow UI
+    shows one row per model with all of its numbers.
+    """
+    if not run_id:
+        return False
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(paths))
+    client = mlflow.MlflowClient()
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    with mlflow.start_run(run_id=run_id):
+        numeric = {
+            f"{prefix}{k}": float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if numeric:
+            mlflow.log_metrics(numeric)
+        for path in artifacts or []:
+            if path.is_file():
+                mlflow.log_artifact(str(path))
+    return True

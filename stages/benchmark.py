@@ -1,0 +1,80 @@
+"""Stage benchmark: PyTorch eager vs ONNX Runtime (FP32, INT8) latency and throughput."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imageclf.benchmark import benchmark_backends
+from imageclf.checkpoint import load_checkpoint
+from imageclf.config import Params
+from imageclf.data.store import load_dataset
+from imageclf.io import read_json, write_json
+from imageclf.metrics import plot_bars
+from imageclf.models import FlipTTA
+from imageclf.paths import ProjectPaths
+from imageclf.stage import main
+from imageclf.tracking import log_to_run
+
+
+def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
+    """Time every backend in one process and write reports/benchmark.json plus a chart."""
+    cfg = params.benchmark
+    dataset = load_dataset(paths.dataset)
+    source = (
+        paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint
+    )
+    model, _, _ = load_checkpoint(source)
+    model = FlipTTA(model).eval() if params.evaluate.tta_flip else model
+    onnx_paths = {"onnxruntime_fp32": paths.onnx}
+    if paths.onnx_int8.is_file():
+        onnx_paths["onnxruntime_int8"] = paths.onnx_int8
+    rows = benchmark_backends(
+        model,
+        onnx_paths,
+        dataset.test.images[: max(cfg.batch_sizes)],
+        cfg.batch_sizes,
+        cfg.warmup,
+        cfg.iterations,
+        cfg.threads,
+    )
+    summary: dict[str, Any] = {}
+    for row in rows:
+        key = f"{row['backend']}.batch_{row['batch_size']}"
+        for metric in ("p50_ms", "p99_ms", "images_per_second"):
+            summary[f"{key}.{metric}"] = row[metric]
+    report = {"threads": rows[0]["threads"], "rows": rows, **summary}
+    write_json(paths.reports / "benchmark.json", report)
+    labels = [f"batch {b}" for b in cfg.batch_sizes]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    chart = plot_bars(
+        labels,
+        {
+            b: [
+                next(
+                    r["images_per_second"]
+                    for r in rows
+                    if r["backend"] == b and r["batch_size"] == bs
+                )
+                for bs in cfg.batch_sizes
+            ]
+            for b in backends
+        },
+        paths.reports / "plots" / "benchmark.png",
+        f"Inference throughput ({report['threads']} threads)",
+        "images / second",
+        log=True,
+    )
+    train_info = (
+        read_json(paths.reports / "train.json") if (paths.reports / "train.json").is_file() else {}
+    )
+    log_to_run(
+        paths,
+        train_info.get("mlflow_run_id"),
+        {f"bench.{k}": v for k, v in summary.items()},
+        [chart],
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main(run)

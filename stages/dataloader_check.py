@@ -1,0 +1,41 @@
+"""Stage dataloader_check: overfit one batch, then pick the fastest loader setting for train."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imageclf.config import Params
+from imageclf.data.store import load_dataset
+from imageclf.io import write_json
+from imageclf.loader_check import OverfitFailed, loader_grid, overfit_one_batch
+from imageclf.models import build_model
+from imageclf.paths import ProjectPaths
+from imageclf.stage import StageError, main
+
+
+def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
+    """Write reports/dataloader_check.json: the overfit result, the grid, the chosen setting."""
+    dataset = load_dataset(paths.dataset)
+    cfg = params.dataloader_check
+    c, _, _ = dataset.image_shape
+    model = build_model(params.train.model, dataset.num_classes, c, params.train.width)
+    try:
+        overfit = overfit_one_batch(model, dataset.train, cfg, params.seed)
+    except OverfitFailed as exc:
+        raise StageError(str(exc)) from exc
+    rows, chosen = loader_grid(dataset.train, params.train.batch_size, cfg, params.seed)
+    report = {
+        "overfit_initial_loss": overfit["initial_loss"],
+        "overfit_final_loss": overfit["final_loss"],
+        "overfit_passed": overfit["passed"],
+        "best_images_per_second": max(r["images_per_second"] for r in rows),
+        "chosen": chosen.as_dict(),
+        "grid": rows,
+        "overfit_curve": [{"step": i, "loss": loss} for i, loss in enumerate(overfit["curve"])],
+    }
+    write_json(paths.loader_config, report)
+    return report
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,123 @@
+"""The real `dvc repro` in a temporary copy of the repository, with shrunken parameters."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imageclf.io import read_json
+from tests.conftest import FASHION_MNIST_DIR, REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not FASHION_MNIST_DIR.is_dir(),
+        reason="needs Debian's dataset-fashion-mnist (make setup installs it)",
+    ),
+]
+
+COPY = ["dvc.yaml", "params.yaml", "stages", "imageclf", ".dvc/config", ".dvc/.gitignore"]
+
+
+def shrink(params_file: Path) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    raw["data"].update(fraction=0.05, sources=[str(FASHION_MNIST_DIR)])
+    raw["train"].update(epochs=1, width=8)
+    raw["dataloader_check"].update(
+        throughput_batches=3,
+        grid={"num_workers": [0, 1], "pin_memory": [False], "prefetch_factor": [2]},
+    )
+    raw["profile"].update(steps=2, warmup=1)
+    raw["optimize"].update(calibration_images=64, eval_images=500)
+    raw["benchmark"].update(warmup=2, iterations=5)
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def dvc(workdir: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGECLF_ROOT", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("repo")
+    for item in COPY:
+        src, dst = REPO / item, work / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    shrink(work / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    return work, dvc(work, "repro")
+
+
+def test_every_stage_ran_and_wrote_sensible_outputs(pipeline):
+    work, output = pipeline
+    for stage in (
+        "download",
+        "validate",
+        "dataloader_check",
+        "train",
+        "evaluate",
+        "profile",
+        "optimize",
+        "export",
+        "benchmark",
+    ):
+        assert f"Running stage '{stage}'" in output
+    reports = work / "reports"
+    download = read_json(reports / "download.json")
+    assert (download["num_train"], download["num_test"]) == (3000, 500)
+    validate = read_json(reports / "validate.json")
+    assert validate["success"] and validate["failed"] == 0
+    assert (work / validate["data_docs"]).is_file()
+    assert read_json(reports / "dataloader_check.json")["overfit_passed"]
+    assert read_json(reports / "train.json")["epochs"] == 1
+    evaluate = read_json(reports / "evaluate.json")
+    assert 0.3 < evaluate["test_accuracy"] <= 1.0  # one short epoch, still far above chance (0.1)
+    assert len(evaluate["per_class"]) == 10
+    assert 0 <= read_json(reports / "profile.json")["data_wait_share"] <= 1
+    assert (reports / "profile" / "trace.json").is_file()
+    assert "int8_kept" in read_json(reports / "optimize.json")
+    export = read_json(reports / "export.json")
+    assert export["dynamic_batch"] and export["max_abs_diff"] <= 1e-4
+    bench = read_json(reports / "benchmark.json")
+    assert {r["batch_size"] for r in bench["rows"]} == {1, 64}
+    for png in ("confusion_matrix.png", "benchmark.png"):
+        assert (reports / "plots" / png).stat().st_size > 1000
+    assert (work / "mlflow.db").is_file()
+
+
+def test_nothing_changed_reruns_nothing(pipeline):
+    work, _ = pipeline
+    output = dvc(work, "repro")
+    assert "Running stage" not in output
+
+
+def test_one_parameter_reruns_exactly_its_dependents(pipeline):
+    work, _ = pipeline
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["evaluate"]["batch_size"] = 250
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = dvc(work, "repro")
+    ran = {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate"}

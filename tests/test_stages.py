@@ -1,0 +1,120 @@
+"""Every stage as a Python function on a tiny dataset: outputs exist, make sense, fail safely."""
+
+from __future__ import annotations
+
+import gzip
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from imageclf.io import read_json
+from imageclf.stage import StageError
+from imageclf.transforms import to_model_input
+from stages import benchmark, dataloader_check, download, evaluate, export, optimize, profile, train
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def trained(project):
+    """The synthetic project after dataloader_check and train."""
+    params = tiny_params(train={"epochs": 2, "width": 8})
+    dataloader_check.run(params, project)
+    result = train.run(params, project)
+    return project, params, result
+
+
+def test_chain_of_stages_produces_consistent_outputs(trained):
+    paths, params, result = trained
+    assert paths.checkpoint.is_file()
+    assert (paths.models / "checkpoints" / "last.pt").is_file()
+    history = read_json(paths.reports / "train_history.json")
+    assert [row["epoch"] for row in history] == [1, 2]
+
+    run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
+    assert run.data.params["train.epochs"] == "2"
+    assert {"git_commit", "data_train_hash", "params_hash"} <= set(run.data.tags)
+    artifacts = [
+        a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")
+    ]
+    assert artifacts == ["checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"]
+
+    report = evaluate.run(params, paths)
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+    assert set(report["per_class"]) == {"a", "b", "c", "d"}
+    assert (paths.reports / "plots" / "confusion_matrix.png").stat().st_size > 1000
+    run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(report["test_accuracy"])
+
+    prof = profile.run(params, paths)
+    assert 0.0 <= prof["data_wait_share"] <= 1.0 and prof["top_ops"]
+    assert (paths.reports / "profile" / "trace.json").stat().st_size > 0
+
+    opt = optimize.run(params, paths)
+    assert isinstance(opt["int8_kept"], bool) and opt["int8_static"]["reason"]
+    assert paths.onnx_int8.is_file() and paths.optimized_checkpoint.is_file()
+
+    exp = export.run(params, paths)
+    assert exp["dynamic_batch"] and exp["argmax_agreement"] >= 0.999
+    session = ort.InferenceSession(str(paths.onnx), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # the batch axis really is dynamic
+        x = to_model_input(np.zeros((batch, 12, 12, 1), np.uint8)).numpy()
+        assert session.run(None, {"images": x})[0].shape == (batch, 4)
+
+    bench = benchmark.run(params, paths)
+    backends = {(r["backend"], r["batch_size"]) for r in bench["rows"]}
+    assert ("pytorch_eager", 1) in backends and ("onnxruntime_fp32", 8) in backends
+    assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in bench["rows"])
+    assert (paths.reports / "plots" / "benchmark.png").is_file()
+
+
+def test_export_outside_tolerance_fails_and_keeps_previous_model(trained):
+    paths, params, _ = trained
+    optimize.run(params, paths)
+    export.run(params, paths)
+    before = paths.onnx.read_bytes()
+    strict = tiny_params(export={"max_abs_diff": 1e-30})
+    with pytest.raises(StageError, match="does not match PyTorch"):
+        export.run(strict, paths)
+    assert paths.onnx.read_bytes() == before
+    assert not list(paths.models.glob(".model.onnx*")), "temporary export left behind"
+
+
+def test_download_failure_keeps_previous_dataset(project, tmp_path):
+    before = {p.name: p.read_bytes() for p in project.dataset.iterdir()}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not the dataset"))
+    params = tiny_params(data={"sources": [str(broken), str(tmp_path / "missing")]})
+    with pytest.raises(StageError) as err:
+        download.run(params, project)
+    message = str(err.value)
+    assert "wrong content" in message and str(tmp_path / "missing") in message
+    assert "dataset-fashion-mnist" in message
+    assert {p.name: p.read_bytes() for p in project.dataset.iterdir()} == before
+
+
+def test_imagefolder_dataset_is_supported(project, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split, n in (("train", 6), ("test", 2)):
+        for cls, color in (("cats", 30), ("dogs", 220)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 30), (color, color, 0)).save(
+                    root / split / cls / f"{i}.png"
+                )
+    params = tiny_params(
+        data={"name": "imagefolder", "imagefolder_root": str(root), "image_size": 16, "channels": 1}
+    )
+    report = download.run(params, project)
+    assert report["num_train"] == 12 and report["num_test"] == 4 and report["num_classes"] == 2
+    meta = read_json(project.dataset / "meta.json")
+    assert meta["classes"] == ["cats", "dogs"] and meta["image_shape"] == [16, 16, 1]
+
+
+def test_imagefolder_without_root_is_a_clear_error(project):
+    with pytest.raises(StageError, match="imagefolder_root"):
+        download.run(tiny_params(data={"name": "imagefolder"}), project)

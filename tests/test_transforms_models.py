@@ -1,0 +1,109 @@
+"""The shared preprocessing, the model zoo, checkpoints and BN folding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imageclf.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from imageclf.models import FlipTTA, available_models, build_model, fold_batchnorm
+from imageclf.transforms import prepare_image, random_augment, to_model_input
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK", "1"])
+def test_prepare_image_handles_any_mode_and_size(mode):
+    img = Image.new("RGB", (97, 45), (200, 10, 10)).convert(mode)
+    out = prepare_image(img, 28, 1)
+    assert out.shape == (28, 28, 1) and out.dtype == np.uint8
+    assert prepare_image(img, 32, 3).shape == (32, 32, 3)
+
+
+def test_transparent_background_becomes_black():
+    img = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
+    assert prepare_image(img, 28, 1).max() == 0
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("L", (40, 20), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    with Image.open(buf) as decoded:
+        assert prepare_image(decoded, 20, 1).shape == (20, 20, 1)
+        assert decoded.size == (40, 20)
+
+
+def test_model_input_contract():
+    batch = np.full((3, 5, 5, 1), 255, np.uint8)
+    x = to_model_input(batch)
+    assert x.shape == (3, 1, 5, 5) and x.dtype == torch.float32 and float(x.max()) == 1.0
+    with pytest.raises(TypeError):
+        to_model_input(batch.astype(np.float32))
+
+
+def test_random_augment_shifts_and_flips_within_bounds():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3:5, 3:5] = 1.0
+    out = random_augment(x, g, pad=2)
+    assert out.shape == x.shape
+    # Content is moved, not created or destroyed (the block is far from the border).
+    assert torch.allclose(out.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    assert not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_model_trains_one_step(name):
+    model = build_model(name, num_classes=5, in_channels=1, width=8)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert model(x).shape == (4, 5)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="resnet_small"):
+        build_model("nope", 10)
+
+
+def test_fold_batchnorm_preserves_outputs():
+    model = build_model("resnet_small", 10, 1, 8)
+    model.train()
+    for _ in range(3):  # give BN non-trivial running statistics
+        model(torch.rand(16, 1, 28, 28))
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_flip_tta_is_mirror_invariant():
+    model = FlipTTA(build_model("resnet_small", 10, 1, 8).eval())
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(model(x), model(x.flip(3)), atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_including_folded(tmp_path):
+    spec = ModelSpec("resnet_small", 8, 10, 1, 28, tuple("abcdefghij"), 0.3, 0.35)
+    model = spec.build().eval()
+    x = torch.rand(2, 1, 28, 28)
+    save_checkpoint(tmp_path / "m.pt", model, spec)
+    loaded, loaded_spec, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded_spec == spec
+    torch.testing.assert_close(loaded(x), model(x))
+    folded_spec = ModelSpec(**{**spec.__dict__, "bn_folded": True})
+    save_checkpoint(tmp_path / "f.pt", fold_batchnorm(model), folded_spec)
+    refolded, _, _ = load_checkpoint(tmp_path / "f.pt")
+    torch.testing.assert_close(refolded(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_missing_checkpoint_says_which_stage_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train stage"):
+        load_checkpoint(tmp_path / "none.pt")

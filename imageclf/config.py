@@ -99,6 +99,14 @@ class BenchmarkParams(_Section):
     threads: int = Field(0, ge=0)
 
 
+class RegistryParams(_Section):
+    model_name: str = "imageclf-classifier"
+    # A challenger is promoted when its test accuracy is at least champion's minus this.
+    accuracy_tolerance: float = Field(0.002, ge=0, le=1)
+    # ...and its ONNX Runtime FP32 p50 latency at batch 1 (benchmark stage) is within this budget.
+    max_latency_ms: float = Field(10.0, gt=0)
+
+
 class Params(_Section):
     seed: int = 42
     data: DataParams = Field(default_factory=DataParams)
@@ -110,6 +118,7 @@ class Params(_Section):
     optimize: OptimizeParams = Field(default_factory=OptimizeParams)
     export: ExportParams = Field(default_factory=ExportParams)
     benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -140,3 +149,30 @@ def load_params(path: Path | str | None = None) -> Params:
         raise ParamsError(
             f"{path} has invalid parameters: {problems}. Fix them and rerun."
         ) from exc
+
+
+def apply_overrides(params: Params, overrides: dict[str, object]) -> Params:
+    """A copy of ``params`` with dotted keys replaced ({"train.epochs": 3}), validated again.
+
+    This is how a Prefect run changes parameters without touching the committed params.yaml.
+    """
+    raw = params.model_dump(by_alias=True)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ParamsError(f"Unknown parameter section {dotted!r}.")
+            node = node[key]
+        if leaf not in node:
+            raise ParamsError(f"Unknown parameter {dotted!r}.")
+        node[leaf] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ParamsError(f"Invalid parameter override: {problems}.") from exc

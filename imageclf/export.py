@@ -25,7 +25,11 @@ OUTPUT_NAME = "logits"
 
 
 def export_onnx(
-    model: nn.Module, path: Path, input_shape: tuple[int, int, int], opset: int = 18
+    model: nn.Module,
+    path: Path,
+    input_shape: tuple[int, int, int],
+    opset: int = 18,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (eval mode, CPU) with batch as a dynamic dimension, atomically."""
     model = model.eval().cpu()
@@ -47,6 +51,14 @@ def export_onnx(
                 verbose=False,
             )
         program.save(str(tmp), external_data=False)
+        if metadata:
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(proto, str(tmp))
 
     write_with(path, write, suffix=".onnx")
     return path
@@ -93,3 +105,10 @@ def verify_onnx(path: Path, model: nn.Module, images: np.ndarray) -> dict[str, A
         "dynamic_batch": not isinstance(inputs.shape[0], int),
         "file_bytes": Path(path).stat().st_size,
     }
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The key/value metadata written by :func:`export_onnx` (class names, input spec...)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

@@ -6,6 +6,7 @@ from typing import Any
 
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
+from imageclf.engine import seed_everything
 from imageclf.io import write_json
 from imageclf.loader_check import OverfitFailed, loader_grid, overfit_one_batch
 from imageclf.models import build_model
@@ -18,6 +19,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     dataset = load_dataset(paths.dataset)
     cfg = params.dataloader_check
     c, _, _ = dataset.image_shape
+    seed_everything(params.seed)
     model = build_model(params.train.model, dataset.num_classes, c, params.train.width)
     try:
         overfit = overfit_one_batch(model, dataset.train, cfg, params.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from imageclf.checkpoint import load_checkpoint
@@ -27,7 +28,26 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     images = dataset.test.images[: cfg.compare_images]
     # Export to a temporary file first: a model that fails verification never replaces a good one.
     with atomic_path(paths.onnx, suffix=".onnx") as tmp:
-        export_onnx(serving, tmp, dataset.image_shape, cfg.opset)
+        c, h, w = dataset.image_shape
+        # The served model carries what a client needs to use it: no side files to lose.
+        metadata = {
+            "classes": json.dumps(list(spec.classes)),
+            "input": json.dumps(
+                {
+                    "name": "images",
+                    "layout": "NCHW",
+                    "dtype": "float32",
+                    "range": [0, 1],
+                    "channels": c,
+                    "height": h,
+                    "width": w,
+                }
+            ),
+            "output": "log_probs" if params.evaluate.tta_flip else "logits",
+            "model": spec.name,
+            "tta_flip": json.dumps(params.evaluate.tta_flip),
+        }
+        export_onnx(serving, tmp, dataset.image_shape, cfg.opset, metadata=metadata)
         check = verify_onnx(tmp, serving, images)
         problems = []
         if check["max_abs_diff"] > cfg.max_abs_diff:

@@ -13,7 +13,7 @@ from imageclf.checkpoint import ModelSpec, save_checkpoint
 from imageclf.config import Params
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import load_dataset, split_train_val
-from imageclf.engine import EpochMetrics, set_threads, train_model
+from imageclf.engine import EpochMetrics, seed_everything, set_threads, train_model
 from imageclf.io import write_json
 from imageclf.models import count_parameters
 from imageclf.paths import ProjectPaths
@@ -47,6 +47,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         std=float(pixels.std() or 1.0),
     )
     del pixels
+    seed_everything(params.seed)  # the initial weights too, not only the data order
     model = spec.build()
     loader = load_loader_settings(paths.loader_config)
     setup_mlflow(paths, cfg.mlflow_experiment)

@@ -41,9 +41,9 @@ def synthetic_split(
 def tiny_params(**overrides: dict) -> Params:
     """The project's params.yaml with sizes shrunk so a stage takes seconds."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(epochs=1, width=4, batch_size=32)
+    raw["train"].update(epochs=1, width=8, batch_size=32)
     raw["dataloader_check"].update(
-        overfit_steps=40,
+        overfit_steps=60,
         overfit_batch_size=16,
         throughput_batches=2,
         grid={"num_workers": [0], "pin_memory": [False], "prefetch_factor": [2]},
@@ -77,3 +77,34 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectPaths:
 @pytest.fixture
 def default_params() -> Params:
     return load_params(REPO / "params.yaml")
+
+
+def write_params(root: Path, params: Params) -> Path:
+    """Write ``params`` as the project's params.yaml (what flows and CLIs read)."""
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(by_alias=True), sort_keys=False))
+    return path
+
+
+def write_imagefolder(
+    root: Path,
+    n_train: int = 30,
+    n_test: int = 10,
+    seed: int = 0,
+    counts: dict[int, int] | None = None,
+) -> Path:
+    """A small ImageFolder tree of PNGs (class folders c0..c3) from :func:`synthetic_split`.
+
+    ``counts`` overrides the number of training images of some classes (for imbalance tests).
+    """
+    from PIL import Image
+
+    for split, n, offset in (("train", n_train, 0), ("test", n_test, 1)):
+        data = synthetic_split(n, seed=seed + offset)
+        for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
+            if split == "train" and counts and i % n >= counts.get(int(label), n):
+                continue
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[..., 0]).save(folder / f"{i}.png")
+    return root

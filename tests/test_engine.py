@@ -14,8 +14,10 @@ from tests.conftest import synthetic_split, tiny_params
 
 
 def test_training_learns_a_learnable_task():
-    train, test = synthetic_split(40, seed=1), synthetic_split(10, seed=2)
+    # Enough steps for BatchNorm's running statistics (used in eval mode) to settle.
+    train, test = synthetic_split(60, seed=1), synthetic_split(10, seed=2)
     cfg = tiny_params(train={"epochs": 4, "width": 8, "lr": 0.1}).train
+    torch.manual_seed(0)
     model = build_model(cfg.model, 4, 1, cfg.width)
     seen = []
     history = train_model(
@@ -65,6 +67,7 @@ def test_loader_yields_whole_batches_in_contract():
 def test_overfit_passes_on_real_model_and_fails_on_shuffled_labels():
     params = tiny_params()
     split = synthetic_split(8)
+    torch.manual_seed(0)
     model = build_model("resnet_small", 4, 1, 8)
     assert overfit_one_batch(model, split, params.dataloader_check, seed=0)["passed"]
     cfg = params.dataloader_check.model_copy(update={"overfit_steps": 1})

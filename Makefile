@@ -31,18 +31,24 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -e '.[dev]'
 	@touch $@
 
-# The offline copy of Fashion-MNIST: Debian's package when we can install it, else the
-# download stage falls back to the official mirror.
+# System packages from Debian: the offline copy of Fashion-MNIST, Chromium for the web-page
+# test, wrk for the serving benchmark. Without root/apt, say what will not work instead.
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium wrk
 dataset:
-	@if [ -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ]; then \
-		echo "Fashion-MNIST: offline copy in $(DATASET_DIR)"; \
+	@missing=""; \
+	[ -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -z "$$missing" ]; then \
+		echo "system packages: present ($(SYSTEM_PACKAGES))"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-		|| { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; } \
-		|| echo "warning: could not install dataset-fashion-mnist; the download stage will use the mirror"; \
+		echo "installing:$$missing"; \
+		apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
+		|| echo "warning: could not install$$missing (the download stage then uses the mirror; browser/benchmark tests skip)"; \
 	else \
-		echo "note: $(DATASET_DIR) missing and apt-get unavailable (need root): the download stage will use the mirror"; \
+		echo "note: missing$$missing and no root apt-get: the download stage uses the mirror, browser tests skip"; \
 	fi
 
 run: setup

@@ -107,6 +107,21 @@ class RegistryParams(_Section):
     max_latency_ms: float = Field(10.0, gt=0)
 
 
+class ServingParams(_Section):
+    # Which registered model version is served: models:/<registry.model_name>@<alias>.
+    alias: str = "champion"
+    top_k: int = Field(3, ge=1)
+    # Limits that turn abusive or broken input into a 4xx before it costs anything.
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=64)
+    # Adaptive batching: wait at most max_latency_ms to gather up to max_batch_size images.
+    max_batch_size: int = Field(64, ge=1)
+    max_latency_ms: float = Field(5.0, ge=0)
+    workers: int = Field(1, ge=1)
+    threads: int = Field(0, ge=0)
+
+
 class Params(_Section):
     seed: int = 42
     data: DataParams = Field(default_factory=DataParams)
@@ -119,6 +134,7 @@ class Params(_Section):
     export: ExportParams = Field(default_factory=ExportParams)
     benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
+    serving: ServingParams = Field(default_factory=ServingParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -16,12 +16,10 @@ import torch
 from torch import nn
 
 from imageclf.io import write_with
+from imageclf.onnx_runtime import INPUT_NAME, OUTPUT_NAME, ort_session
 from imageclf.transforms import to_model_input
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 
 
 def export_onnx(
@@ -64,18 +62,6 @@ def export_onnx(
     return path
 
 
-def ort_session(path: Path, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session with full graph optimizations (``threads`` 0: ORT default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def ort_logits(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits for uint8 NHWC images through the shared preprocessing."""
     out = []
@@ -105,10 +91,3 @@ def verify_onnx(path: Path, model: nn.Module, images: np.ndarray) -> dict[str, A
         "dynamic_batch": not isinstance(inputs.shape[0], int),
         "file_bytes": Path(path).stat().st_size,
     }
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The key/value metadata written by :func:`export_onnx` (class names, input spec...)."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

@@ -208,11 +208,39 @@ def status(paths: ProjectPaths, cfg: RegistryParams) -> dict[str, Any]:
     }
 
 
+def register_workspace(paths: ProjectPaths, params: Params) -> str:
+    """Register the workspace's verified models/model.onnx (from `dvc repro`) as challenger.
+
+    It is attached to the MLflow run that trained it (reports/train.json), which already holds
+    that model's parameters, evaluation and benchmark metrics.
+    """
+    from imageclf.data.store import load_dataset
+    from imageclf.io import read_json
+    from imageclf.tracking import git_commit, params_hash
+    from imageclf.transforms import to_model_input
+
+    train_report = paths.reports / "train.json"
+    if not paths.onnx.is_file() or not train_report.is_file():
+        raise RegistryError(
+            "No exported model in this workspace: run `make run` (dvc repro) first."
+        )
+    run_id = read_json(train_report)["mlflow_run_id"]
+    example = to_model_input(load_dataset(paths.dataset).test.images[:2]).numpy()
+    tags = {
+        "git_commit": git_commit(paths.root),
+        "params_hash": params_hash(params),
+        "dvc_data_hash": dvc_data_hash(paths.root) or "none",
+        "source": "dvc repro",
+    }
+    return log_and_register(paths, params, run_id, paths.onnx, example, tags)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m imageclf.registry {status,promote,rollback}`."""
+    """`python -m imageclf.registry {status,register,promote,rollback}`."""
     parser = argparse.ArgumentParser(prog="python -m imageclf.registry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="show champion, challenger and history")
+    sub.add_parser("register", help="register the workspace's exported model as challenger")
     p = sub.add_parser("promote", help="promote the challenger (or --version) if it qualifies")
     p.add_argument("--version")
     r = sub.add_parser("rollback", help="move champion back to the previous champion")
@@ -220,10 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = get_paths()
-    cfg = load_params(paths.params).registry
+    params = load_params(paths.params)
+    cfg = params.registry
     try:
         if args.command == "status":
             print(json.dumps(status(paths, cfg), indent=2))
+        elif args.command == "register":
+            print(f"registered version {register_workspace(paths, params)} as {CHALLENGER}")
         elif args.command == "promote":
             print(json.dumps(asdict(promote(paths, cfg, args.version)), indent=2))
         else:

@@ -8,9 +8,13 @@ float32, shape (N, C, H, W), values in [0, 1]. Everything that feeds a model goe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch is imported lazily: the serving path needs only NumPy
+    import torch
 
 
 def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -31,8 +35,23 @@ def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
+def to_model_array(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]: the model's input contract.
+
+    NumPy only, so that serving (ONNX Runtime) does not need torch.
+    """
+    batch = np.asarray(images)
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {batch.dtype}")
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]; the model's input contract."""
+    """The same contract as :func:`to_model_array`, as a torch tensor (training, evaluation)."""
+    import torch
+
     batch = torch.as_tensor(images)
     if batch.ndim == 3:
         batch = batch.unsqueeze(0)
@@ -49,6 +68,8 @@ def random_augment(
     Done on the batch tensor, not per image in Python, because per-image transforms cost more
     than the forward pass of a small CNN on a CPU.
     """
+    import torch
+
     n, _, h, w = batch.shape
     if flip:
         flip_mask = torch.rand(n, generator=generator) < 0.5

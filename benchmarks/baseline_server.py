@@ -1,0 +1,58 @@
+"""The baseline the BentoML service must beat: a plain FastAPI + ONNX Runtime server.
+
+One request, one ONNX Runtime call (no batching), multipart upload like the service's /classify.
+Also a no-op endpoint that only reads the upload: the ceiling of HTTP on this machine.
+
+    python -m benchmarks.baseline_server MODEL.onnx --port 3200
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, File, HTTPException, UploadFile
+
+from imageclf.config import ServingParams
+from imageclf.serving import InputError, OnnxClassifier, decode_image
+
+
+def make_app(model_path: Path, threads: int = 0) -> FastAPI:
+    model = OnnxClassifier(model_path, threads)
+    limits = ServingParams()
+    app = FastAPI()
+
+    @app.post("/classify")
+    def classify(image: UploadFile = File(...)) -> dict:  # noqa: B008 (FastAPI idiom)
+        try:
+            array = decode_image(image.file.read(), limits, model.size, model.channels)
+        except InputError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        probs = model.probabilities(array[None])
+        return {"predictions": model.top_k(probs, 3)[0]}
+
+    @app.post("/noop")
+    async def noop(image: UploadFile = File(...)) -> dict:  # noqa: B008
+        return {"bytes": len(await image.read())}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--port", type=int, default=3200)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    uvicorn.run(
+        make_app(args.model, args.threads),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Load benchmark of the serving stack, all in one invocation (numbers are comparable only
+within one run on this shared machine).
+
+Drives each server with `wrk` (a C load generator: a Python client saturates first on 2 cores)
+for a bounded time on loopback, at several concurrencies, posting a real test image:
+
+* bentoml /classify       the BentoML service's API endpoint (multipart upload)
+* bentoml /ui/api/classify the service's lean route (raw image body), same model path
+* baseline /classify      plain FastAPI + ONNX Runtime, one model call per request
+* baseline /noop          reads the upload and answers: the HTTP ceiling here
+* onnxruntime in-process  batch 1 and 64, no HTTP at all
+
+    python -m benchmarks.serving [--duration 10] [--concurrency 1 8 32 64]
+
+Serves whatever the registry calls champion (as `bentoml serve` would) and gives the baseline
+the same ONNX file. Writes a Markdown table (default docs/serving-benchmark.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from imageclf.config import load_params
+from imageclf.data.store import load_dataset
+from imageclf.optimize import time_call
+from imageclf.paths import get_paths
+from imageclf.serving import OnnxClassifier, resolve_model
+from imageclf.tracking import tracking_uri
+
+LUA = Path(__file__).with_name("multipart.lua")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"{' '.join(cmd)} did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wrk(url: str, image: Path, concurrency: int, duration: float, raw: bool = False) -> dict:
+    """One bounded wrk run; returns requests/s, latency percentiles and failures."""
+    cmd = [
+        "wrk",
+        f"-t{min(2, concurrency)}",
+        f"-c{concurrency}",
+        f"-d{duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(image),
+        "image",
+    ]
+    if raw:
+        cmd.append("raw")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("JSON "))
+    stats = json.loads(line[5:])
+    stats["requests_per_second"] = stats["requests"] / stats["seconds"]
+    stats["failed"] = stats["errors"]
+    return stats
+
+
+def in_process(model: OnnxClassifier, images: np.ndarray) -> list[dict]:
+    rows = []
+    for batch in (1, 64):
+        x = images[:batch]
+        ms = time_call(lambda x=x: model.probabilities(x), warmup=10, iterations=200)
+        rows.append(
+            {
+                "target": f"onnxruntime in-process, batch {batch}",
+                "images_per_second": batch * 1000 / float(np.mean(ms)),
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--out", type=Path, default=Path("docs/serving-benchmark.md"))
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install wrk (make setup does it as root).")
+    paths = get_paths()
+    params = load_params(paths.params)
+    work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    ref = resolve_model(
+        tracking_uri(paths), params.registry.model_name, params.serving.alias, dest=work / "model"
+    )
+    model = OnnxClassifier(ref.path)
+    test = load_dataset(paths.dataset).test
+    image = work / "image.png"
+    Image.fromarray(test.images[0].squeeze()).save(image)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
+    (work / "bentoml").mkdir()
+
+    results: list[dict] = []
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(
+        [
+            str(bin_dir / "bentoml"),
+            "serve",
+            "services.service:ImageClassifier",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        f"{base}/readyz",
+        env,
+    )
+    try:
+        for c in args.concurrency:
+            results.append(
+                {
+                    "target": "bentoml /classify (multipart)",
+                    "concurrency": c,
+                    **wrk(f"{base}/classify", image, c, args.duration),
+                }
+            )
+            results.append(
+                {
+                    "target": "bentoml /ui/api/classify (raw body)",
+                    "concurrency": c,
+                    **wrk(f"{base}/ui/api/classify", image, c, args.duration, raw=True),
+                }
+            )
+            print(results[-2], results[-1], flush=True)
+    finally:
+        stop(proc)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(
+        [
+            str(bin_dir / "python"),
+            "-m",
+            "benchmarks.baseline_server",
+            str(ref.path),
+            "--port",
+            str(port),
+        ],
+        f"{base}/docs",
+        env,
+    )
+    try:
+        for c in args.concurrency:
+            results.append(
+                {
+                    "target": "baseline FastAPI /classify",
+                    "concurrency": c,
+                    **wrk(f"{base}/classify", image, c, args.duration),
+                }
+            )
+            results.append(
+                {
+                    "target": "baseline FastAPI /noop (HTTP ceiling)",
+                    "concurrency": c,
+                    **wrk(f"{base}/noop", image, c, args.duration),
+                }
+            )
+            print(results[-2], results[-1], flush=True)
+    finally:
+        stop(proc)
+    local = in_process(model, test.images)
+
+    lines = [
+        f"Model {ref.name} v{ref.version} (@{ref.alias}); {os.cpu_count()} CPU cores; "
+        f"{args.duration:g} s per cell; wrk on loopback; command: "
+        f"`python -m benchmarks.serving --duration {args.duration:g}`.",
+        "",
+        "| target | concurrency | requests/s | p50 ms | p95 ms | p99 ms | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
+        lines.append(
+            f"| {r['target']} | {r['concurrency']} | {r['requests_per_second']:.0f} | "
+            f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['failed']} |"
+        )
+    lines += ["", "| in-process | images/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
+    for r in local:
+        lines.append(
+            f"| {r['target']} | {r['images_per_second']:.0f} | {r['p50_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# Serving benchmark\n\n" + table)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""What serving needs from the library: safe decoding, the ONNX model, adaptive batching.
+
+Kept free of any web framework so the BentoML service, the offline batch command and the
+baseline server in ``benchmarks/`` share exactly the same code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from imageclf.config import ServingParams
+from imageclf.transforms import prepare_image, to_model_array
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A client mistake, with the HTTP status that says which kind (400, 413, 415)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ModelUnavailable(RuntimeError):
+    """No model can be served (no champion yet, registry unreachable): the service is not ready."""
+
+
+def decode_image(
+    data: bytes, limits: ServingParams, size: int, channels: int, name: str = "image"
+) -> np.ndarray:
+    """Bytes of an uploaded file -> uint8 (size, size, channels), or an InputError saying why.
+
+    The pixel count is checked from the header before any pixel is decoded, so a small file that
+    expands to gigabytes (a decompression bomb) costs nothing.
+    """
+    if not data:
+        raise InputError(f"{name} is empty: send the bytes of a PNG or JPEG file.")
+    if len(data) > limits.max_request_bytes:
+        raise InputError(
+            f"{name} is {len(data)} bytes, over the {limits.max_request_bytes}-byte limit.",
+            status=413,
+        )
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(
+            f"{name} is not an image this service can read (PNG, JPEG, GIF, BMP, WebP or TIFF).",
+            status=415,
+        ) from exc
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise InputError(
+            f"{name} is {width}x{height} pixels, over the {limits.max_image_pixels}-pixel limit.",
+            status=413,
+        )
+    try:
+        image.load()
+        return prepare_image(image, size, channels)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{name} is truncated or corrupt ({exc}).") from exc
+
+
+@dataclass
+class ModelRef:
+    """Where the served model came from (shown by the model-info endpoint)."""
+
+    path: Path
+    name: str
+    version: str
+    alias: str
+    run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_model(tracking_uri: str, name: str, alias: str, dest: Path | None = None) -> ModelRef:
+    """Download ``models:/<name>@<alias>``'s ONNX file; ModelUnavailable says why it cannot."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ModelUnavailable(
+            f"no model version has the alias {alias!r} in registered model {name!r} at "
+            f"{tracking_uri}: train and promote one (python -m pipelines.training_flow)."
+        ) from exc
+    mlflow.set_tracking_uri(tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}@{alias}", dst_path=str(dest) if dest else None
+        )
+    )
+    onnx_files = sorted(local.rglob("*.onnx"))
+    if not onnx_files:
+        raise ModelUnavailable(f"{name} v{version.version} has no ONNX file in its artifacts.")
+    metrics: dict[str, float] = {}
+    if version.run_id:
+        run = client.get_run(version.run_id)
+        metrics = {
+            k: v
+            for k, v in run.data.metrics.items()
+            if k in ("test_accuracy", "macro_f1", "bench.onnxruntime_fp32.batch_1.p50_ms")
+        }
+    return ModelRef(onnx_files[0], name, str(version.version), alias, version.run_id, metrics)
+
+
+class OnnxClassifier:
+    """An exported model in ONNX Runtime, described by the metadata the export stage wrote."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        from imageclf.onnx_runtime import onnx_metadata, ort_session
+
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads)
+        meta = onnx_metadata(self.path)
+        if "classes" not in meta or "input" not in meta:
+            raise ModelUnavailable(f"{path} lacks the class/input metadata of the export stage.")
+        self.classes: list[str] = json.loads(meta["classes"])
+        spec = json.loads(meta["input"])
+        self.size, self.channels = int(spec["height"]), int(spec["channels"])
+        self.output_kind = meta.get("output", "logits")
+        self.input_name = self.session.get_inputs()[0].name
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) -> class probabilities (N, K)."""
+        x = to_model_array(images)
+        scores = self.session.run(None, {self.input_name: x})[0].astype(np.float64)
+        scores -= scores.max(axis=1, keepdims=True)  # softmax of logits or of log-probabilities
+        exp = np.exp(scores)
+        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        k = max(1, min(k, len(self.classes)))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [
+            [{"label": self.classes[i], "index": int(i), "probability": float(row[i])} for i in idx]
+            for row, idx in zip(probs, order, strict=True)
+        ]
+
+
+class AdaptiveBatcher:
+    """Gather concurrent requests into one model call: up to ``max_batch_size`` images, waiting
+    at most ``max_latency_ms`` after the first one arrives.
+
+    One inference runs at a time on a dedicated thread, so the event loop keeps accepting
+    requests while the model works and the next batch forms meanwhile: under load, batches grow
+    by themselves; alone, a request waits at most ``max_latency_ms``.
+    """
+
+    def __init__(self, model: OnnxClassifier, max_batch_size: int, max_latency_ms: float) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_latency = max_latency_ms / 1000.0
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.images = 0
+
+    def _ensure_started(self) -> asyncio.Queue:
+        if self._queue is None or self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._queue
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for ``images`` (N, H, W, C), computed in some shared batch."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._ensure_started().put_nowait((images, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            pending = [first]
+            count = len(first[0])
+            deadline = loop.time() + self.max_latency
+            while count < self.max_batch_size:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = (
+                        self._queue.get_nowait()
+                        if not self._queue.empty()
+                        else await asyncio.wait_for(self._queue.get(), timeout)
+                    )
+                except TimeoutError:
+                    break
+                pending.append(item)
+                count += len(item[0])
+            batch = np.concatenate([images for images, _ in pending])
+            try:
+                probs = await loop.run_in_executor(self._executor, self.model.probabilities, batch)
+            except Exception as exc:  # the model failed: fail these requests, keep serving
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += len(batch)
+            start = 0
+            for images, future in pending:
+                if not future.done():
+                    future.set_result(probs[start : start + len(images)])
+                start += len(images)
+
+
+def classify_files(
+    model: OnnxClassifier,
+    files: Sequence[Path],
+    limits: ServingParams,
+    top_k: int,
+    batch_size: int = 256,
+) -> list[dict[str, Any]]:
+    """Offline batch inference over image files: one row per file, errors reported per file."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        arrays, ok = [], []
+        for path in chunk:
+            try:
+                arrays.append(
+                    decode_image(
+                        path.read_bytes(), limits, model.size, model.channels, name=path.name
+                    )
+                )
+                ok.append(path)
+            except (InputError, OSError) as exc:
+                rows.append({"file": str(path), "error": str(exc)})
+        if arrays:
+            t0 = time.perf_counter()
+            probs = model.probabilities(np.stack(arrays))
+            per_image_ms = (time.perf_counter() - t0) * 1000 / len(arrays)
+            for path, top in zip(ok, model.top_k(probs, top_k), strict=True):
+                row: dict[str, Any] = {"file": str(path), "error": ""}
+                for rank, entry in enumerate(top, 1):
+                    row[f"label_{rank}"] = entry["label"]
+                    row[f"probability_{rank}"] = round(entry["probability"], 6)
+                row["ms_per_image"] = round(per_image_ms, 4)
+                rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""Serving: the BentoML service (service.py), its bentofile, and the web page it serves."""

@@ -1,0 +1,326 @@
+"""The BentoML service under a real `bentoml serve` on loopback, with a registered champion.
+
+The champion is a real (small, quickly trained) Fashion-MNIST model: the module trains it with
+the stage functions, registers and promotes it in a temporary MLflow store, then serves it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from imageclf.data.store import load_dataset
+from imageclf.paths import ProjectPaths
+from imageclf.registry import promote, register_workspace
+from imageclf.serving import OnnxClassifier
+from stages import benchmark, download, evaluate, export, train
+from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params, write_params
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs dataset-fashion-mnist"),
+]
+MAX_BYTES = 256 * 1024
+MAX_IMAGES = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.squeeze()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def champion_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProjectPaths]:
+    root = tmp_path_factory.mktemp("served")
+    old = {k: os.environ.get(k) for k in ("IMAGECLF_ROOT", "MLFLOW_TRACKING_URI")}
+    os.environ["IMAGECLF_ROOT"] = str(root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    params = tiny_params(
+        data={"fraction": 0.25, "sources": [str(FASHION_MNIST_DIR)]},
+        train={"epochs": 3, "width": 8, "batch_size": 128, "lr": 0.1},
+        serving={
+            "max_request_bytes": MAX_BYTES,
+            "max_images_per_request": MAX_IMAGES,
+            "max_image_pixels": 2000 * 2000,
+        },
+        registry={"max_latency_ms": 1000.0},
+    )
+    write_params(root, params)
+    paths = ProjectPaths(root)
+    for stage in (download, train, evaluate, export, benchmark):
+        stage.run(params, paths)
+    register_workspace(paths, params)
+    assert promote(paths, params.registry).promoted
+    yield paths
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def start_server(paths: ProjectPaths, alias: str | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "IMAGECLF_ROOT": str(paths.root),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{paths.root / 'mlflow.db'}",
+        "BENTOML_HOME": str(paths.root / f"bentoml-{port}"),
+        "PYTHONPATH": str(REPO),
+    }
+    # One BentoML home per server: each keeps (and resets at start) its task store there.
+    (paths.root / f"bentoml-{port}").mkdir()
+    if alias:
+        env["IMAGECLF_SERVING_ALIAS"] = alias
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen(
+        [
+            bentoml,
+            "serve",
+            "services.service:ImageClassifier",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (env["BENTOML_HOME"], proc.stdout.read()[-3000:])
+        try:
+            if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop(proc)
+    raise AssertionError("bentoml serve did not come up")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(champion_project: ProjectPaths) -> Iterator[str]:
+    proc, url = start_server(champion_project)
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def test_images(champion_project: ProjectPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First 40 test images, labels, and the champion's own in-process predictions."""
+    test = load_dataset(champion_project.dataset).test
+    images, labels = test.images[:40], test.labels[:40]
+    model = OnnxClassifier(champion_project.onnx)
+    return images, labels, model.probabilities(images).argmax(1)
+
+
+def test_ready_and_real_image_gets_its_class(server, test_images):
+    images, labels, offline = test_images
+    client = httpx.Client(base_url=server, timeout=30)
+    assert client.get("/readyz").status_code == 200
+    served = []
+    for image in images:
+        r = client.post(
+            "/classify", files={"image": ("x.png", png(image), "image/png")}, data={"top_k": "3"}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["predictions"]) == 3 and body["model"]["alias"] == "champion"
+        served.append(body["predictions"][0]["index"])
+    assert served == offline.tolist()  # exactly what the model says in-process
+    assert (np.asarray(served) == labels).mean() >= 0.7
+    first_right = int(np.flatnonzero(offline == labels)[0])
+    r = client.post("/classify", files={"image": ("x.png", png(images[first_right]), "image/png")})
+    assert r.json()["predictions"][0]["index"] == labels[first_right]
+
+
+def test_any_size_and_mode_is_accepted(server, test_images):
+    images, _, offline = test_images
+    big = Image.fromarray(images[0].squeeze()).resize((300, 300)).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=95)
+    r = httpx.post(f"{server}/classify", files={"image": ("x.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["index"] == offline[0]
+
+
+def test_batch_and_async(server, test_images):
+    images, _, offline = test_images
+    files = [("images", (f"{i}.png", png(images[i]), "image/png")) for i in range(3)]
+    r = httpx.post(f"{server}/classify_batch", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [p[0]["index"] for p in r.json()["predictions"]] == offline[:3].tolist()
+
+    r = httpx.post(f"{server}/classify_async/submit", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    task_id = r.json()["task_id"]
+    for _ in range(60):
+        status = httpx.get(f"{server}/classify_async/status", params={"task_id": task_id}).json()
+        if status["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.5)
+    assert status["status"] == "completed", status
+    result = httpx.get(f"{server}/classify_async/get", params={"task_id": task_id}).json()
+    assert [p[0]["index"] for p in result["predictions"]] == offline[:3].tolist()
+
+
+def test_model_info_metrics_and_page(server):
+    info = httpx.post(f"{server}/model_info", json={}).json()
+    assert info["ready"] and info["version"] == "1" and info["alias"] == "champion"
+    assert 0 < info["metrics"]["test_accuracy"] <= 1 and len(info["classes"]) == 10
+    assert httpx.get(f"{server}/livez").status_code == 200
+    metrics = httpx.get(f"{server}/metrics")
+    assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    page = httpx.get(f"{server}/ui/")
+    assert page.status_code == 200 and "<canvas" in page.text
+
+
+def bomb() -> bytes:
+    """A tiny PNG that decodes to 100 megapixels."""
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 100_000
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "files", "status", "message"),
+    [
+        (
+            "not an image",
+            {"image": ("x.png", b"hello, I am text", "image/png")},
+            415,
+            "not an image",
+        ),
+        ("truncated", "truncated", 400, "truncated"),
+        ("empty file", {"image": ("x.png", b"", "image/png")}, 400, "empty"),
+        ("decompression bomb", {"image": ("x.png", "bomb", "image/png")}, 413, "pixel limit"),
+        (
+            "oversized body",
+            {"image": ("x.png", b"\0" * (MAX_BYTES + 10), "image/png")},
+            413,
+            "limit",
+        ),
+    ],
+)
+def test_bad_input_is_4xx_with_reason(server, test_images, name, files, status, message):
+    if files == "truncated":
+        files = {"image": ("x.png", png(test_images[0][0])[:120], "image/png")}
+    elif files["image"][1] == "bomb":
+        files = {"image": ("x.png", bomb(), "image/png")}
+    r = httpx.post(f"{server}/classify", files=files, timeout=30)
+    assert r.status_code == status, (name, r.text)
+    assert message in r.text, r.text
+    # ...and the service is still up and serving.
+    ok = httpx.post(
+        f"{server}/classify",
+        files={"image": ("x.png", png(test_images[0][0]), "image/png")},
+        timeout=30,
+    )
+    assert ok.status_code == 200
+
+
+def test_request_without_file_and_too_many_images(server, test_images):
+    assert httpx.post(f"{server}/classify", timeout=30).status_code == 400
+    one = png(test_images[0][0])
+    files = [("images", (f"{i}.png", one, "image/png")) for i in range(MAX_IMAGES + 1)]
+    r = httpx.post(f"{server}/classify_batch", files=files, timeout=30)
+    assert r.status_code == 413 and "limit" in r.text
+    r = httpx.post(f"{server}/ui/api/classify", content=b"", timeout=30)
+    assert r.status_code == 400 and "empty" in r.json()["error"]
+    r = httpx.post(f"{server}/ui/api/classify", content=b"<html>", timeout=30)
+    assert r.status_code == 415
+
+
+def test_not_ready_without_champion_says_why(champion_project):
+    proc, url = start_server(champion_project, alias="no-such-alias")
+    try:
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        info = httpx.post(f"{url}/model_info", json={}).json()
+        assert not info["ready"] and "no-such-alias" in info["reason"]
+        r = httpx.post(f"{url}/classify", files={"image": ("x.png", b"123", "image/png")})
+        assert r.status_code == 503
+    finally:
+        stop(proc)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
+def test_web_page_in_a_real_browser(server, test_images, tmp_path):
+    """Upload a real test image through the page and see its class appear as the top bar."""
+    from playwright.sync_api import sync_playwright
+
+    images, labels, offline = test_images
+    index = int(np.flatnonzero(offline == labels)[0])  # an image the model gets right
+    image_file = tmp_path / "garment.png"
+    image_file.write_bytes(png(images[index]))
+    classes = httpx.post(f"{server}/model_info", json={}).json()["classes"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/ui/")
+            page.wait_for_function("document.getElementById('model').dataset.version === '1'")
+            page.set_input_files("#file", str(image_file))
+            page.wait_for_selector("#results[data-top]", timeout=15000)
+            assert page.get_attribute("#results", "data-top") == classes[labels[index]]
+            assert len(page.query_selector_all("#results .bar")) == 5
+            assert "model v1" in page.inner_text("#timing")
+            # Draw on the canvas and classify the drawing: some class comes back.
+            box = page.locator("canvas").bounding_box()
+            page.mouse.move(box["x"] + 60, box["y"] + 60)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 200, box["y"] + 220, steps=8)
+            page.mouse.up()
+            page.evaluate("document.getElementById('results').removeAttribute('data-top')")
+            page.click("#classify-drawing")
+            page.wait_for_selector("#results[data-top]", timeout=15000)
+            assert page.get_attribute("#results", "data-top") in classes
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()

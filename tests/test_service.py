@@ -324,3 +324,32 @@ def test_web_page_in_a_real_browser(server, test_images, tmp_path):
             page.screenshot(path=str(tmp_path / "page.png"))
         finally:
             browser.close()
+
+
+def test_bentoml_build_makes_a_bento_offline(tmp_path):
+    """`bentoml build` from bentofile.yaml: the code is in, data/models/venv are not."""
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+    proc = subprocess.run(
+        [bentoml, "build", "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    src = next((tmp_path / "bentos" / "imageclf").glob("*/src"))
+    for needed in (
+        "services/service.py",
+        "services/static/index.html",
+        "imageclf/serving.py",
+        "imageclf/data/store.py",
+        "params.yaml",
+    ):
+        assert (src / needed).is_file(), needed
+    for unwanted in ("data", "models", ".venv", "tests", "mlflow.db"):
+        assert not (src / unwanted).exists(), unwanted
+    requirements = (src.parent / "env" / "python" / "requirements.txt").read_text().splitlines()
+    packages = [line.split(">")[0].split("=")[0] for line in requirements if line[:1].isalpha()]
+    assert "onnxruntime" in packages and "torch" not in packages

@@ -82,7 +82,7 @@ def wrk(url: str, image: Path, concurrency: int, duration: float, raw: bool = Fa
         "wrk",
         f"-t{min(2, concurrency)}",
         f"-c{concurrency}",
-        f"-d{duration}s",
+        f"-d{duration:g}s",
         "--timeout",
         "10s",
         "-s",

@@ -153,11 +153,12 @@ class OnnxClassifier:
 
 class AdaptiveBatcher:
     """Gather concurrent requests into one model call: up to ``max_batch_size`` images, waiting
-    at most ``max_latency_ms`` after the first one arrives.
+    at most ``max_latency_ms`` after the first one arrives for more to come.
 
     One inference runs at a time on a dedicated thread, so the event loop keeps accepting
-    requests while the model works and the next batch forms meanwhile: under load, batches grow
-    by themselves; alone, a request waits at most ``max_latency_ms``.
+    requests while the model works and whatever queued meanwhile forms the next batch at once:
+    under load, batches grow by themselves even with ``max_latency_ms`` 0 (which then costs a
+    lone request nothing); a positive value trades that much latency for fuller batches.
     """
 
     def __init__(self, model: OnnxClassifier, max_batch_size: int, max_latency_ms: float) -> None:
@@ -191,17 +192,16 @@ class AdaptiveBatcher:
             count = len(first[0])
             deadline = loop.time() + self.max_latency
             while count < self.max_batch_size:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = (
-                        self._queue.get_nowait()
-                        if not self._queue.empty()
-                        else await asyncio.wait_for(self._queue.get(), timeout)
-                    )
-                except TimeoutError:
-                    break
+                if self._queue.empty():  # nothing waiting: wait a little for more, if allowed
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), timeout)
+                    except TimeoutError:
+                        break
+                else:  # requests that queued while the model was busy join this batch at once
+                    item = self._queue.get_nowait()
                 pending.append(item)
                 count += len(item[0])
             batch = np.concatenate([images for images, _ in pending])
@@ -228,30 +228,31 @@ def classify_files(
     top_k: int,
     batch_size: int = 256,
 ) -> list[dict[str, Any]]:
-    """Offline batch inference over image files: one row per file, errors reported per file."""
+    """Offline batch inference over image files: one row per file, in order; a file that cannot
+    be read gets its reason in ``error`` instead of stopping the run."""
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
+        chunk_rows: list[dict[str, Any]] = [{"file": str(path), "error": ""} for path in chunk]
         arrays, ok = [], []
-        for path in chunk:
+        for row, path in zip(chunk_rows, chunk, strict=True):
             try:
                 arrays.append(
                     decode_image(
                         path.read_bytes(), limits, model.size, model.channels, name=path.name
                     )
                 )
-                ok.append(path)
+                ok.append(row)
             except (InputError, OSError) as exc:
-                rows.append({"file": str(path), "error": str(exc)})
+                row["error"] = str(exc)
         if arrays:
             t0 = time.perf_counter()
             probs = model.probabilities(np.stack(arrays))
             per_image_ms = (time.perf_counter() - t0) * 1000 / len(arrays)
-            for path, top in zip(ok, model.top_k(probs, top_k), strict=True):
-                row: dict[str, Any] = {"file": str(path), "error": ""}
+            for row, top in zip(ok, model.top_k(probs, top_k), strict=True):
                 for rank, entry in enumerate(top, 1):
                     row[f"label_{rank}"] = entry["label"]
                     row[f"probability_{rank}"] = round(entry["probability"], 6)
                 row["ms_per_image"] = round(per_image_ms, 4)
-                rows.append(row)
+        rows.extend(chunk_rows)
     return rows

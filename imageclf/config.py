@@ -122,6 +122,13 @@ class ServingParams(_Section):
     threads: int = Field(0, ge=0)
 
 
+class MonitoringParams(_Section):
+    # Probability that a window of in-distribution inputs raises a drift alarm (all tests).
+    alpha: float = Field(0.01, gt=0, lt=1)
+    max_confidence_drop: float = Field(0.05, ge=0, le=1)
+    min_window: int = Field(100, ge=10)
+
+
 class Params(_Section):
     seed: int = 42
     data: DataParams = Field(default_factory=DataParams)
@@ -135,6 +142,7 @@ class Params(_Section):
     benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     serving: ServingParams = Field(default_factory=ServingParams)
+    monitoring: MonitoringParams = Field(default_factory=MonitoringParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,1 @@
+"""Monitoring: what the service sees compared with what the model learned from."""

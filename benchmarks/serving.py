@@ -22,58 +22,23 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
 from imageclf.config import load_params
 from imageclf.data.store import load_dataset
+from imageclf.local_servers import free_port, start, stop
 from imageclf.optimize import time_call
 from imageclf.paths import get_paths
 from imageclf.serving import OnnxClassifier, resolve_model
 from imageclf.tracking import tracking_uri
 
 LUA = Path(__file__).with_name("multipart.lua")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], url: str, env: dict[str, str]) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"{' '.join(cmd)} did not become ready")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wrk(url: str, image: Path, concurrency: int, duration: float, raw: bool = False) -> dict:
@@ -142,74 +107,49 @@ def main() -> None:
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
     (work / "bentoml").mkdir()
 
+    # (server command, readiness path, [(row label, path, raw body?)]): one server at a time,
+    # so that each has the machine to itself.
+    servers = [
+        (
+            [
+                str(bin_dir / "bentoml"),
+                "serve",
+                "services.service:ImageClassifier",
+                "--host",
+                "127.0.0.1",
+            ],
+            "/readyz",
+            [
+                ("bentoml /classify (multipart)", "/classify", False),
+                ("bentoml /ui/api/classify (raw body)", "/ui/api/classify", True),
+            ],
+        ),
+        (
+            [str(bin_dir / "python"), "-m", "benchmarks.baseline_server", str(ref.path)],
+            "/docs",
+            [
+                ("baseline FastAPI /classify", "/classify", False),
+                ("baseline FastAPI /noop (HTTP ceiling)", "/noop", False),
+            ],
+        ),
+    ]
     results: list[dict] = []
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start(
-        [
-            str(bin_dir / "bentoml"),
-            "serve",
-            "services.service:ImageClassifier",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        f"{base}/readyz",
-        env,
-    )
-    try:
-        for c in args.concurrency:
-            results.append(
-                {
-                    "target": "bentoml /classify (multipart)",
-                    "concurrency": c,
-                    **wrk(f"{base}/classify", image, c, args.duration),
-                }
-            )
-            results.append(
-                {
-                    "target": "bentoml /ui/api/classify (raw body)",
-                    "concurrency": c,
-                    **wrk(f"{base}/ui/api/classify", image, c, args.duration, raw=True),
-                }
-            )
-            print(results[-2], results[-1], flush=True)
-    finally:
-        stop(proc)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start(
-        [
-            str(bin_dir / "python"),
-            "-m",
-            "benchmarks.baseline_server",
-            str(ref.path),
-            "--port",
-            str(port),
-        ],
-        f"{base}/docs",
-        env,
-    )
-    try:
-        for c in args.concurrency:
-            results.append(
-                {
-                    "target": "baseline FastAPI /classify",
-                    "concurrency": c,
-                    **wrk(f"{base}/classify", image, c, args.duration),
-                }
-            )
-            results.append(
-                {
-                    "target": "baseline FastAPI /noop (HTTP ceiling)",
-                    "concurrency": c,
-                    **wrk(f"{base}/noop", image, c, args.duration),
-                }
-            )
-            print(results[-2], results[-1], flush=True)
-    finally:
-        stop(proc)
+    for cmd, ready, targets in servers:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start([*cmd, "--port", str(port)], env, ready_url=base + ready)
+        try:
+            for c in args.concurrency:
+                for label, path, raw in targets:
+                    row = {
+                        "target": label,
+                        "concurrency": c,
+                        **wrk(base + path, image, c, args.duration, raw=raw),
+                    }
+                    results.append(row)
+                    print(row, flush=True)
+        finally:
+            stop(proc)
     local = in_process(model, test.images)
 
     lines = [

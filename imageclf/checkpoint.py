@@ -15,6 +15,7 @@ from torch import nn
 
 from imageclf.io import write_with
 from imageclf.models import build_model, fold_batchnorm
+from imageclf.paths import ProjectPaths
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,16 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     model.load_state_dict(state["state_dict"])
     model.eval()
     return model, spec, state.get("extra", {})
+
+
+def load_serving_model(paths: ProjectPaths, tta_flip: bool) -> tuple[nn.Module, ModelSpec, Path]:
+    """The model as it is exported and served: the optimized checkpoint when the optimize stage
+    wrote one (else the trained one), wrapped in flip TTA when evaluation uses it, so that what
+    is served is exactly what was evaluated."""
+    from imageclf.models import FlipTTA
+
+    source = (
+        paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint
+    )
+    model, spec, _ = load_checkpoint(source)
+    return (FlipTTA(model).eval() if tta_flip else model), spec, source

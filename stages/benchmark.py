@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from imageclf.benchmark import benchmark_backends
-from imageclf.checkpoint import load_checkpoint
+from imageclf.checkpoint import load_serving_model
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.io import read_json, write_json
 from imageclf.metrics import plot_bars
-from imageclf.models import FlipTTA
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
 from imageclf.tracking import log_to_run
@@ -20,11 +19,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Time every backend in one process and write reports/benchmark.json plus a chart."""
     cfg = params.benchmark
     dataset = load_dataset(paths.dataset)
-    source = (
-        paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint
-    )
-    model, _, _ = load_checkpoint(source)
-    model = FlipTTA(model).eval() if params.evaluate.tta_flip else model
+    model, _, _ = load_serving_model(paths, params.evaluate.tta_flip)
     onnx_paths = {"onnxruntime_fp32": paths.onnx}
     if paths.onnx_int8.is_file():
         onnx_paths["onnxruntime_int8"] = paths.onnx_int8

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from imageclf.checkpoint import load_checkpoint
+from imageclf.checkpoint import load_serving_model
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.export import export_onnx, verify_onnx
 from imageclf.io import atomic_path, write_json
-from imageclf.models import FlipTTA
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
 
@@ -19,12 +18,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Export models/model.optimized.pt to models/model.onnx; fail when outside tolerances."""
     cfg = params.export
     dataset = load_dataset(paths.dataset)
-    source = (
-        paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint
-    )
-    model, spec, _ = load_checkpoint(source)
-    # What is served is what was evaluated: flip TTA goes into the graph when evaluate uses it.
-    serving = FlipTTA(model).eval() if params.evaluate.tta_flip else model
+    serving, spec, source = load_serving_model(paths, params.evaluate.tta_flip)
     images = dataset.test.images[: cfg.compare_images]
     # Export to a temporary file first: a model that fails verification never replaces a good one.
     with atomic_path(paths.onnx, suffix=".onnx") as tmp:

@@ -6,8 +6,6 @@ One Prefect test server (``prefect_test_harness``) is shared by the module: it t
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from imageclf.local_servers import output, start, stop
 from imageclf.paths import ProjectPaths
 from tests.conftest import REPO, tiny_params, write_imagefolder, write_params
 
@@ -106,15 +105,7 @@ def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_pr
     from prefect.deployments import run_deployment
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.serve"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    server = start([sys.executable, "-m", "pipelines.serve"], env, cwd=REPO)
     try:
         deadline = time.monotonic() + 120
         flow_run = None
@@ -127,7 +118,7 @@ def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_pr
                 )
                 break
             except Exception:  # the deployment is not registered yet
-                assert server.poll() is None, server.stdout.read()
+                assert server.poll() is None, output(server)
                 time.sleep(2)
         assert flow_run is not None, "deployment never appeared"
         from prefect.client.orchestration import get_client
@@ -145,8 +136,4 @@ def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_pr
         assert len(mine) == 1 and mine.iloc[0]["params.train.epochs"] == "3"
         assert mine.iloc[0]["params.train.model"] == "resnet_small"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)

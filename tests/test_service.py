@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import pytest
 from PIL import Image
 
 from imageclf.data.store import load_dataset
+from imageclf.local_servers import free_port, start, stop
 from imageclf.paths import ProjectPaths
 from imageclf.registry import promote, register_workspace
 from imageclf.serving import OnnxClassifier
@@ -35,12 +34,6 @@ pytestmark = [
 ]
 MAX_BYTES = 256 * 1024
 MAX_IMAGES = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(array: np.ndarray) -> bytes:
@@ -93,43 +86,17 @@ def start_server(paths: ProjectPaths, alias: str | None = None) -> tuple[subproc
     if alias:
         env["IMAGECLF_SERVING_ALIAS"] = alias
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent))
-    proc = subprocess.Popen(
-        [
-            bentoml,
-            "serve",
-            "services.service:ImageClassifier",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (env["BENTOML_HOME"], proc.stdout.read()[-3000:])
-        try:
-            if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop(proc)
-    raise AssertionError("bentoml serve did not come up")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    cmd = [
+        bentoml,
+        "serve",
+        "services.service:ImageClassifier",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    return start(cmd, env, cwd=REPO, ready_url=f"{url}/livez"), url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""Start and stop local server processes (bentoml serve, uvicorn, a Prefect runner) on loopback.
+
+Servers run in their own process group so that stopping one also stops the workers it forked
+(BentoML and MLflow leave children behind otherwise). Used by the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(
+    cmd: list[str],
+    env: dict[str, str],
+    cwd: Path | None = None,
+    ready_url: str | None = None,
+    timeout: float = 120.0,
+) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group; with ``ready_url``, wait until it answers 200.
+
+    Its output goes to a temporary log file (``proc.log_path``), not a pipe: a chatty server
+    would block once an unread pipe fills up.
+    """
+    log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    log.close()
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+    if ready_url is None:
+        return proc
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{output(proc)}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(
+        f"{' '.join(cmd)} did not answer {ready_url} within {timeout:.0f} s:\n{output(proc)}"
+    )
+
+
+def output(proc: subprocess.Popen, tail: int = 3000) -> str:
+    """The last ``tail`` characters the server printed."""
+    path = getattr(proc, "log_path", None)
+    return path.read_text(errors="replace")[-tail:] if path and path.exists() else ""
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the whole process group, SIGKILL it after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass

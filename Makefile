@@ -54,6 +54,10 @@ dataset:
 run: setup
 	$(BIN)/dvc repro
 	@$(BIN)/dvc metrics show
+	@# Register the exported model (once per distinct model) and promote it if it qualifies,
+	@# so that `bentoml serve` serves it right away.
+	$(BIN)/python -m imageclf.registry register
+	$(BIN)/python -m imageclf.registry promote || true
 
 repro: run
 

@@ -8,6 +8,7 @@ alias move each, recorded on the versions and the model so the UI shows why.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -225,12 +226,21 @@ def register_workspace(paths: ProjectPaths, params: Params) -> str:
             "No exported model in this workspace: run `make run` (dvc repro) first."
         )
     run_id = read_json(train_report)["mlflow_run_id"]
+    digest = hashlib.sha256(paths.onnx.read_bytes()).hexdigest()
+    name = params.registry.model_name
+    registry = client(paths)
+    if registry.search_registered_models(f"name = '{name}'"):
+        for version in registry.search_model_versions(f"name = '{name}'"):
+            if version.tags.get("onnx_sha256") == digest:
+                log.info("this model is already version %s: nothing to register", version.version)
+                return str(version.version)
     example = to_model_input(load_dataset(paths.dataset).test.images[:2]).numpy()
     tags = {
         "git_commit": git_commit(paths.root),
         "params_hash": params_hash(params),
         "dvc_data_hash": dvc_data_hash(paths.root) or "none",
         "source": "dvc repro",
+        "onnx_sha256": digest,
     }
     return log_and_register(paths, params, run_id, paths.onnx, example, tags)
 
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "status":
             print(json.dumps(status(paths, cfg), indent=2))
         elif args.command == "register":
-            print(f"registered version {register_workspace(paths, params)} as {CHALLENGER}")
+            print(f"the workspace model is version {register_workspace(paths, params)}")
         elif args.command == "promote":
             print(json.dumps(asdict(promote(paths, cfg, args.version)), indent=2))
         else:

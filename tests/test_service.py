@@ -320,3 +320,8 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path):
     requirements = (src.parent / "env" / "python" / "requirements.txt").read_text().splitlines()
     packages = [line.split(">")[0].split("=")[0] for line in requirements if line[:1].isalpha()]
     assert "onnxruntime" in packages and "torch" not in packages
+
+
+def test_registering_the_same_workspace_model_again_adds_no_version(champion_project):
+    params = tiny_params(registry={"max_latency_ms": 1000.0})
+    assert register_workspace(champion_project, params) == "1"

@@ -69,12 +69,12 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
 
 def load_serving_model(paths: ProjectPaths, tta_flip: bool) -> tuple[nn.Module, ModelSpec, Path]:
     """The model as it is exported and served: the optimized checkpoint when the optimize stage
-    wrote one (else the trained one), wrapped in flip TTA when evaluation uses it, so that what
-    is served is exactly what was evaluated."""
-    from imageclf.models import FlipTTA
+    wrote one (else the trained one) as a :class:`ServingGraph` (scores with flip TTA when
+    evaluation uses it, plus the embedding), so that what is served is what was evaluated."""
+    from imageclf.models import ServingGraph
 
     source = (
         paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint
     )
     model, spec, _ = load_checkpoint(source)
-    return (FlipTTA(model).eval() if tta_flip else model), spec, source
+    return ServingGraph(model, tta_flip).eval(), spec, source

@@ -127,6 +127,10 @@ class MonitoringParams(_Section):
     alpha: float = Field(0.01, gt=0, lt=1)
     max_confidence_drop: float = Field(0.05, ge=0, le=1)
     min_window: int = Field(100, ge=10)
+    # The service's prediction log (relative paths are under the project root).
+    log_predictions: bool = True
+    log_path: str = "logs/predictions.sqlite"
+    log_max_rows: int = Field(1_000_000, ge=1000)
 
 
 class Params(_Section):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from imageclf.io import write_with
-from imageclf.onnx_runtime import INPUT_NAME, OUTPUT_NAME, ort_session
+from imageclf.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
 from imageclf.transforms import to_model_input
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,15 @@ def export_onnx(
     opset: int = 18,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Export ``model`` (eval mode, CPU) with batch as a dynamic dimension, atomically."""
+    """Export ``model`` (eval mode, CPU) with batch as a dynamic dimension, atomically.
+
+    A model returning a tuple (a :class:`~imageclf.models.ServingGraph`) gets the outputs
+    ``logits`` and ``embedding``; a plain classifier gets ``logits``.
+    """
     model = model.eval().cpu()
     example = torch.rand(4, *input_shape)
+    with torch.inference_mode():
+        two_outputs = isinstance(model(example), tuple)
     batch = torch.export.Dim("batch", min=1, max=4096)
 
     def write(tmp: Path) -> None:
@@ -43,7 +49,7 @@ def export_onnx(
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME, EMBEDDING_NAME] if two_outputs else [OUTPUT_NAME],
                 dynamic_shapes=({0: batch},),
                 external_data=False,
                 verbose=False,
@@ -79,7 +85,8 @@ def verify_onnx(path: Path, model: nn.Module, images: np.ndarray) -> dict[str, A
     session = ort_session(path)
     ort_out = ort_logits(session, images)
     with torch.inference_mode():
-        torch_out = model.eval().cpu()(to_model_input(images)).numpy()
+        torch_out = model.eval().cpu()(to_model_input(images))
+    torch_out = (torch_out[0] if isinstance(torch_out, tuple) else torch_out).numpy()
     diff = float(np.abs(ort_out - torch_out).max()) if len(images) else 0.0
     agreement = float((ort_out.argmax(1) == torch_out.argmax(1)).mean()) if len(images) else 1.0
     inputs = session.get_inputs()[0]

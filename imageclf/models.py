@@ -164,3 +164,41 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     visit(model)
     return model
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(features, classifier) of a model built by :func:`build_model`.
+
+    The contract every registered architecture keeps: its last module is the classifier, so
+    everything before it computes the penultimate features (the embedding monitoring uses).
+    """
+    if not (
+        isinstance(model, nn.Sequential)
+        and isinstance(model[-1], nn.Sequential)
+        and len(model[-1]) >= 2
+    ):
+        raise TypeError("expected nn.Sequential(Normalize, nn.Sequential(..., classifier))")
+    body = model[-1]
+    return nn.Sequential(model[0], *list(body)[:-1]), body[-1]
+
+
+class ServingGraph(nn.Module):
+    """What gets exported: scores for the classes and the penultimate-layer embedding.
+
+    Scores are logits, or with ``tta_flip`` the mean log-probabilities of the image and its
+    mirror (so what is served is what was evaluated). The embedding is the un-mirrored image's,
+    logged by the service for drift monitoring.
+    """
+
+    def __init__(self, model: nn.Module, tta_flip: bool) -> None:
+        super().__init__()
+        self.features, self.head = split_head(model)
+        self.tta_flip = tta_flip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.features(x)
+        scores = self.head(embedding)
+        if self.tta_flip:
+            mirrored = self.head(self.features(x.flip(3)))
+            scores = (scores.log_softmax(1) + mirrored.log_softmax(1)) / 2
+        return scores, embedding

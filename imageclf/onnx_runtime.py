@@ -10,6 +10,7 @@ from typing import Any
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+EMBEDDING_NAME = "embedding"
 
 
 def ort_session(path: Path, threads: int = 0) -> Any:

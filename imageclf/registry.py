@@ -86,7 +86,9 @@ def log_and_register(
     from imageclf.export import ort_session
 
     registry = client(paths)
-    output = ort_session(onnx_path).run(None, {"images": example})[0]
+    session = ort_session(onnx_path)
+    names = [o.name for o in session.get_outputs()]
+    output = dict(zip(names, session.run(None, {"images": example}), strict=True))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),

@@ -134,13 +134,19 @@ class OnnxClassifier:
         self.output_kind = meta.get("output", "logits")
         self.input_name = self.session.get_inputs()[0].name
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, C) -> class probabilities (N, K)."""
-        x = to_model_array(images)
-        scores = self.session.run(None, {self.input_name: x})[0].astype(np.float64)
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, H, W, C) -> class probabilities (N, K) and, when the model exports one,
+        the penultimate-layer embedding (N, D) monitoring compares with the training data."""
+        outputs = self.session.run(None, {self.input_name: to_model_array(images)})
+        scores = outputs[0].astype(np.float64)
         scores -= scores.max(axis=1, keepdims=True)  # softmax of logits or of log-probabilities
         exp = np.exp(scores)
-        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        probs = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probs, (outputs[1] if len(outputs) > 1 else None)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) -> class probabilities (N, K)."""
+        return self.predict(images)[0]
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         k = max(1, min(k, len(self.classes)))
@@ -165,7 +171,7 @@ class AdaptiveBatcher:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -177,9 +183,10 @@ class AdaptiveBatcher:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self._queue
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for ``images`` (N, H, W, C), computed in some shared batch."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (and embeddings, when the model has them) for ``images`` (N, H, W, C),
+        computed in some shared batch."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ensure_started().put_nowait((images, future))
         return await future
 
@@ -206,7 +213,9 @@ class AdaptiveBatcher:
                 count += len(item[0])
             batch = np.concatenate([images for images, _ in pending])
             try:
-                probs = await loop.run_in_executor(self._executor, self.model.probabilities, batch)
+                probs, embeddings = await loop.run_in_executor(
+                    self._executor, self.model.predict, batch
+                )
             except Exception as exc:  # the model failed: fail these requests, keep serving
                 for _, future in pending:
                     if not future.done():
@@ -217,7 +226,10 @@ class AdaptiveBatcher:
             start = 0
             for images, future in pending:
                 if not future.done():
-                    future.set_result(probs[start : start + len(images)])
+                    end = start + len(images)
+                    future.set_result(
+                        (probs[start:end], None if embeddings is None else embeddings[start:end])
+                    )
                 start += len(images)
 
 

@@ -21,24 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-PIXEL_FEATURES = ("mean", "std", "min", "max", "p10", "p90", "dark_fraction")
+from monitoring.features import PIXEL_FEATURES, pixel_features
 
-
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    """Compact per-image statistics of uint8 (N, H, W, C) images -> (N, 7) float32."""
-    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return np.stack(
-        [
-            flat.mean(1),
-            flat.std(1),
-            flat.min(1),
-            flat.max(1),
-            np.percentile(flat, 10, axis=1),
-            np.percentile(flat, 90, axis=1),
-            (flat < 0.05).mean(1),
-        ],
-        axis=1,
-    ).astype(np.float32)
+__all__ = ["PIXEL_FEATURES", "Thresholds", "Verdict", "detect", "pixel_features", "psi"]
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:

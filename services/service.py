@@ -36,6 +36,8 @@ from imageclf.serving import (
     resolve_model,
 )
 from imageclf.tracking import tracking_uri
+from monitoring.features import pixel_features
+from monitoring.prediction_log import BackgroundWriter, PredictionLog
 from services.limits import BodySizeLimit
 
 log = logging.getLogger("imageclf.service")
@@ -78,6 +80,13 @@ class ImageClassifier:
         except ModelUnavailable as exc:
             self.not_ready_reason = str(exc)
             log.warning("not ready: %s", exc)
+        self.prediction_log: BackgroundWriter | None = None
+        if PARAMS.monitoring.log_predictions and self.model is not None:
+            path = Path(PARAMS.monitoring.log_path)
+            path = path if path.is_absolute() else get_paths().root / path
+            self.prediction_log = BackgroundWriter(
+                PredictionLog(path, PARAMS.monitoring.log_max_rows)
+            )
         # Everything loaded so far (BentoML, MLflow, pydantic models...) lives as long as the
         # process: move it out of the garbage collector's sight, so full collections triggered
         # by per-request allocations stay short instead of stalling requests (tail latency).
@@ -99,14 +108,42 @@ class ImageClassifier:
     async def _classify_arrays(self, arrays: list[np.ndarray], top_k: int) -> dict[str, Any]:
         model, batcher = self._require_model()
         started = time.perf_counter()
-        probs = await batcher.submit(np.stack(arrays))
+        batch = np.stack(arrays)
+        probs, embeddings = await batcher.submit(batch)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if self.prediction_log is not None and self.ref is not None:
+            self._log_predictions(batch, probs, embeddings, latency_ms)
         return {
             "predictions": model.top_k(probs, top_k),
             "model": {"name": self.ref.name, "version": self.ref.version, "alias": self.ref.alias}
             if self.ref
             else None,
-            "inference_ms": round((time.perf_counter() - started) * 1000, 3),
+            "inference_ms": round(latency_ms, 3),
         }
+
+    def _log_predictions(
+        self, batch: np.ndarray, probs: np.ndarray, embeddings: np.ndarray | None, latency_ms: float
+    ) -> None:
+        """Queue one log row per image (the disk write happens on the logger's thread)."""
+        assert self.prediction_log is not None and self.ref is not None and self.model
+        now = time.time()
+        pixels = pixel_features(batch)
+        predicted = probs.argmax(1)
+        self.prediction_log.put(
+            [
+                PredictionLog.row(
+                    now,
+                    self.ref.version,
+                    int(k),
+                    self.model.classes[int(k)],
+                    float(probs[i, k]),
+                    latency_ms,
+                    pixels[i],
+                    None if embeddings is None else embeddings[i],
+                )
+                for i, k in enumerate(predicted)
+            ]
+        )
 
     def _decode(self, data: bytes, name: str) -> np.ndarray:
         model, _ = self._require_model()

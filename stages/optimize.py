@@ -13,7 +13,7 @@ from imageclf.data.store import load_dataset, stratified_fraction
 from imageclf.engine import set_threads
 from imageclf.export import export_onnx
 from imageclf.io import write_json
-from imageclf.models import FlipTTA
+from imageclf.models import ServingGraph
 from imageclf.optimize import compare_onnx, measure_fold, quantize_static_int8
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
@@ -42,7 +42,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     calib_idx = stratified_fraction(
         dataset.train.labels, min(1.0, cfg.calibration_images / len(dataset.train)), params.seed
     )[: cfg.calibration_images]
-    serving = FlipTTA(folded) if params.evaluate.tta_flip else folded
+    serving = ServingGraph(folded, params.evaluate.tta_flip).eval()  # the graph export serves
     fp32_path = paths.models / ".optimize-fp32.onnx"
     int8_path = paths.onnx_int8
     try:

@@ -85,3 +85,32 @@ def test_psi_is_zero_for_same_and_large_for_shifted():
     x = np.random.default_rng(0).normal(size=5000)
     assert psi(x, x) < 0.01
     assert psi(x, x + 1.0) > 0.25
+
+
+def test_verdict_through_the_real_log_format(data, tmp_path):
+    """Windows written to and read back from the service's prediction log give the same verdicts."""
+    from monitoring.prediction_log import PredictionLog
+
+    train, train_labels, test, labels = data
+    reference = summarize(train, train_labels)
+    for name, images in (("held-out", test[:300]), ("inverted", 255 - test[300:600])):
+        log = PredictionLog(tmp_path / f"{name}.sqlite")
+        summary = summarize(images, labels[:300])
+        log.append(
+            [
+                PredictionLog.row(
+                    i,
+                    "1",
+                    summary["predicted"][i],
+                    "x",
+                    0.9,
+                    1.0,
+                    summary["pixels"][i],
+                    summary["embeddings"][i],
+                )
+                for i in range(300)
+            ]
+        )
+        window = log.read_window()
+        verdict = detect(reference, window, Thresholds())
+        assert verdict.drift == (name == "inverted"), verdict.reasons

@@ -325,3 +325,20 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path):
 def test_registering_the_same_workspace_model_again_adds_no_version(champion_project):
     params = tiny_params(registry={"max_latency_ms": 1000.0})
     assert register_workspace(champion_project, params) == "1"
+
+
+def test_predictions_are_logged_with_input_summaries(server, champion_project, test_images):
+    from monitoring.prediction_log import PredictionLog
+
+    images, _, offline = test_images
+    r = httpx.post(f"{server}/classify", files={"image": ("x.png", png(images[5]), "image/png")})
+    assert r.status_code == 200
+    path = champion_project.root / "logs" / "predictions.sqlite"
+    for _ in range(40):  # the service writes on a background thread
+        if path.exists() and len(PredictionLog(path).read_window()["ts"]):
+            break
+        time.sleep(0.25)
+    window = PredictionLog(path).read_window(last=1)
+    assert window["model_version"] == ["1"] and window["predicted"][0] == offline[5]
+    assert window["pixels"].shape == (1, 7) and window["embeddings"].shape == (1, 32)
+    assert 0 < window["confidence"][0] <= 1

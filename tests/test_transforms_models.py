@@ -107,3 +107,15 @@ def test_checkpoint_round_trip_including_folded(tmp_path):
 def test_missing_checkpoint_says_which_stage_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="train stage"):
         load_checkpoint(tmp_path / "none.pt")
+
+
+def test_serving_graph_scores_match_evaluation_and_expose_the_embedding():
+    from imageclf.models import ServingGraph
+
+    model = build_model("resnet_small", 10, 1, 8).eval()
+    x = torch.rand(3, 1, 28, 28)
+    scores, embedding = ServingGraph(model, tta_flip=True)(x)
+    torch.testing.assert_close(scores, FlipTTA(model)(x))
+    assert embedding.shape == (3, 32)  # 4 * width: the pooled features before the classifier
+    plain, _ = ServingGraph(model, tta_flip=False)(x)
+    torch.testing.assert_close(plain, model(x))

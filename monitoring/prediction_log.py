@@ -1,0 +1,180 @@
+"""The prediction log: one SQLite row per prediction the service makes, kept across restarts.
+
+Each row holds when, which model version, the predicted class and its probability, the latency,
+and a compact summary of the input (pixel statistics and the model's penultimate-layer
+embedding as float16), never the image itself. SQLite in WAL mode lets several service workers
+append while the monitoring flow reads; ``max_rows`` bounds the file (oldest rows go first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    model_version TEXT NOT NULL,
+    predicted INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    latency_ms REAL NOT NULL,
+    pixels TEXT NOT NULL,
+    embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
+"""
+COLUMNS = (
+    "ts",
+    "model_version",
+    "predicted",
+    "label",
+    "confidence",
+    "latency_ms",
+    "pixels",
+    "embedding",
+)
+
+
+class PredictionLog:
+    """Append and read prediction rows in one SQLite file."""
+
+    def __init__(self, path: Path, max_rows: int = 1_000_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_rows = max_rows
+        self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def row(
+        ts: float,
+        model_version: str,
+        predicted: int,
+        label: str,
+        confidence: float,
+        latency_ms: float,
+        pixels: np.ndarray,
+        embedding: np.ndarray | None,
+    ) -> tuple:
+        return (
+            ts,
+            model_version,
+            int(predicted),
+            label,
+            float(confidence),
+            float(latency_ms),
+            json.dumps([round(float(v), 5) for v in pixels]),
+            None if embedding is None else np.asarray(embedding, "<f2").tobytes(),
+        )
+
+    def append(self, rows: list[tuple]) -> None:
+        with self._lock, self._db:
+            self._db.executemany(
+                f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(COLUMNS))})",
+                rows,
+            )
+            count = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+            if count > self.max_rows:
+                self._db.execute(
+                    "DELETE FROM predictions WHERE id IN "
+                    "(SELECT id FROM predictions ORDER BY id LIMIT ?)",
+                    (count - self.max_rows,),
+                )
+
+    def read_window(self, last: int | None = None, since: float | None = None) -> dict[str, Any]:
+        """The most recent ``last`` rows (or all since ``since``), oldest first, as arrays."""
+        query = f"SELECT {', '.join(COLUMNS)} FROM predictions"
+        args: list[Any] = []
+        if since is not None:
+            query += " WHERE ts >= ?"
+            args.append(since)
+        query += " ORDER BY id DESC"
+        if last is not None:
+            query += " LIMIT ?"
+            args.append(last)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()[::-1]
+        embeddings = [np.frombuffer(r[7], "<f2").astype(np.float32) for r in rows if r[7]]
+        return {
+            "ts": np.array([r[0] for r in rows], dtype=np.float64),
+            "model_version": [r[1] for r in rows],
+            "predicted": np.array([r[2] for r in rows], dtype=np.int64),
+            "label": [r[3] for r in rows],
+            "confidence": np.array([r[4] for r in rows], dtype=np.float32),
+            "latency_ms": np.array([r[5] for r in rows], dtype=np.float32),
+            "pixels": np.array([json.loads(r[6]) for r in rows], dtype=np.float32).reshape(
+                len(rows), -1
+            ),
+            "embeddings": np.stack(embeddings)
+            if len(embeddings) == len(rows) and rows
+            else np.zeros((len(rows), 0), np.float32),
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class BackgroundWriter:
+    """Queue rows from the request path; a thread writes them in batches (requests never wait
+    on the disk). A full queue drops rows and counts them rather than slowing the service."""
+
+    def __init__(
+        self, prediction_log: PredictionLog, max_queue: int = 100_000, flush_every_s: float = 0.25
+    ) -> None:
+        self.log = prediction_log
+        self.dropped = 0
+        self._queue: queue.Queue[tuple | None] = queue.Queue(max_queue)
+        self._flush_every = flush_every_s
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def put(self, rows: list[tuple]) -> None:
+        for row in rows:
+            try:
+                self._queue.put_nowait(row)
+            except queue.Full:
+                self.dropped += 1
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[tuple] = []
+            try:
+                item = self._queue.get(timeout=self._flush_every)
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+                while not stopping and len(batch) < 5000:
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
+            except queue.Empty:
+                pass
+            if batch:
+                try:
+                    self.log.append(batch)
+                except sqlite3.Error as exc:  # never take the service down for its log
+                    log.warning("prediction log write failed (%d rows): %s", len(batch), exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)

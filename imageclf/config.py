@@ -127,6 +127,10 @@ class MonitoringParams(_Section):
     alpha: float = Field(0.01, gt=0, lt=1)
     max_confidence_drop: float = Field(0.05, ge=0, le=1)
     min_window: int = Field(100, ge=10)
+    # Training images summarized by the reference stage.
+    reference_size: int = Field(5000, ge=100)
+    # How often the served monitoring deployment checks the log.
+    check_every_minutes: float = Field(60, gt=0)
     # The service's prediction log (relative paths are under the project root).
     log_predictions: bool = True
     log_path: str = "logs/predictions.sqlite"

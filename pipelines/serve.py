@@ -43,10 +43,25 @@ def training_deployment(limit_concurrency: bool = True):  # type: ignore[no-unty
     )
 
 
+def monitoring_deployment():  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from pipelines.monitoring_flow import monitoring_flow
+
+    params = load_params(get_paths().params)
+    return monitoring_flow.to_deployment(
+        name="monitor",
+        description="Drift check of the service's recent predictions against the training data.",
+        interval=timedelta(minutes=params.monitoring.check_every_minutes),
+        parameters={"last": 500, "retrain_on_drift": False},
+        tags=["imageclf", "monitoring"],
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__)
     parser.parse_args(argv)
-    serve(training_deployment(), limit=1)
+    serve(training_deployment(), monitoring_deployment(), limit=2)
 
 
 if __name__ == "__main__":

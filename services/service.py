@@ -23,6 +23,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import Counter, Histogram
 
 from imageclf.config import load_params
 from imageclf.paths import get_paths
@@ -46,6 +47,16 @@ LIMITS = PARAMS.serving
 STATIC = Path(__file__).parent / "static"
 
 web = FastAPI(title="imageclf web page", docs_url=None, redoc_url=None, openapi_url=None)
+
+# Served on /metrics next to BentoML's own (BentoML aggregates its workers' multiprocess files).
+PREDICTIONS = Counter(
+    "imageclf_predictions", "Predictions served, by predicted class.", ["label", "model_version"]
+)
+INFERENCE_LATENCY = Histogram(
+    "imageclf_inference_latency_seconds",
+    "Decoded images to probabilities, batching included.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 
 
 class ClientError(BentoMLException):
@@ -111,6 +122,10 @@ class ImageClassifier:
         batch = np.stack(arrays)
         probs, embeddings = await batcher.submit(batch)
         latency_ms = (time.perf_counter() - started) * 1000
+        INFERENCE_LATENCY.observe(latency_ms / 1000)
+        version = self.ref.version if self.ref else "none"
+        for k in probs.argmax(1):
+            PREDICTIONS.labels(model.classes[int(k)], version).inc()
         if self.prediction_log is not None and self.ref is not None:
             self._log_predictions(batch, probs, embeddings, latency_ms)
         return {

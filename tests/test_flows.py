@@ -137,3 +137,26 @@ def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_pr
         assert mine.iloc[0]["params.train.model"] == "resnet_small"
     finally:
         stop(server)
+
+
+def test_monitoring_flow_records_a_drift_artifact(prefect_api, tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from imageclf.data.store import load_dataset
+    from pipelines.monitoring_flow import monitoring_flow
+    from tests.monitoring_helpers import monitoring_project, serve_window
+
+    monkeypatch.setenv("IMAGECLF_ROOT", str(tmp_path))
+    paths, params = monitoring_project(tmp_path)
+    serve_window(paths, params, 255 - load_dataset(paths.dataset).test.images[:300])
+    state = monitoring_flow(last=300, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["drift"] and result["reasons"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drift-report"]))
+        )
+    assert any(a.flow_run_id == state.state_details.flow_run_id for a in artifacts)
+    assert any("Drift detected" in (a.data or "") for a in artifacts)

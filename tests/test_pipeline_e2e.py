@@ -22,7 +22,15 @@ pytestmark = [
     ),
 ]
 
-COPY = ["dvc.yaml", "params.yaml", "stages", "imageclf", ".dvc/config", ".dvc/.gitignore"]
+COPY = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "imageclf",
+    "monitoring",
+    ".dvc/config",
+    ".dvc/.gitignore",
+]
 
 
 def shrink(params_file: Path) -> None:
@@ -36,6 +44,7 @@ def shrink(params_file: Path) -> None:
     raw["profile"].update(steps=2, warmup=1)
     raw["optimize"].update(calibration_images=64, eval_images=500)
     raw["benchmark"].update(warmup=2, iterations=5)
+    raw["monitoring"].update(reference_size=500)
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -82,6 +91,7 @@ def test_every_stage_ran_and_wrote_sensible_outputs(pipeline):
         "optimize",
         "export",
         "benchmark",
+        "reference",
     ):
         assert f"Running stage '{stage}'" in output
     reports = work / "reports"
@@ -102,6 +112,7 @@ def test_every_stage_ran_and_wrote_sensible_outputs(pipeline):
     assert export["dynamic_batch"] and export["max_abs_diff"] <= 1e-4
     bench = read_json(reports / "benchmark.json")
     assert {r["batch_size"] for r in bench["rows"]} == {1, 64}
+    assert read_json(reports / "reference.json")["images"] == 500
     for png in ("confusion_matrix.png", "benchmark.png"):
         assert (reports / "plots" / png).stat().st_size > 1000
     assert (work / "mlflow.db").is_file()

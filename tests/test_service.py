@@ -171,6 +171,8 @@ def test_model_info_metrics_and_page(server):
     assert httpx.get(f"{server}/livez").status_code == 200
     metrics = httpx.get(f"{server}/metrics")
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    assert 'imageclf_predictions_total{label="' in metrics.text
+    assert "imageclf_inference_latency_seconds_bucket" in metrics.text
     page = httpx.get(f"{server}/ui/")
     assert page.status_code == 200 and "<canvas" in page.text
 

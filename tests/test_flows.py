@@ -148,12 +148,15 @@ def test_monitoring_flow_records_a_drift_artifact(prefect_api, tmp_path, monkeyp
     from tests.monitoring_helpers import monitoring_project, serve_window
 
     monkeypatch.setenv("IMAGECLF_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     paths, params = monitoring_project(tmp_path)
     serve_window(paths, params, 255 - load_dataset(paths.dataset).test.images[:300])
-    state = monitoring_flow(last=300, return_state=True)
+    state = monitoring_flow(last=300, retrain_on_drift=True, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["drift"] and result["reasons"]
+    # retrain_on_drift started the training flow, which trained and registered a new model
+    assert result["training"]["version"] == "1" and result["training"]["run_id"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drift-report"]))

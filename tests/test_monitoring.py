@@ -39,3 +39,33 @@ def test_report_on_the_logged_window(tmp_path, shift, drift):
     page = (paths.reports / "monitoring" / "report.html").read_text()
     assert ("DRIFT" in page) is drift and "data:image/png;base64," in page
     assert read_json(paths.reports / "monitoring" / "verdict.json")["drift"] is drift
+
+
+def test_repeated_held_out_windows_rarely_alarm_with_the_models_embedding(tmp_path):
+    """False alarms in at most 5% of windows, through the real log and the model's embedding."""
+    import numpy as np
+
+    from monitoring.prediction_log import PredictionLog
+
+    paths, params = monitoring_project(tmp_path)
+    test = load_dataset(paths.dataset).test.images
+    alarms = 0
+    for w in range(20):
+        log_file = paths.root / params.monitoring.log_path
+        log_file.unlink(missing_ok=True)
+        idx = np.random.default_rng(w).choice(len(test), 150, replace=False)
+        serve_window(paths, params, test[idx])
+        assert len(PredictionLog(log_file).read_window()["ts"]) == 150
+        alarms += run_monitoring(paths, params, last=150)["drift"]
+    assert alarms <= 1
+
+
+def test_images_of_another_kind_alarm(tmp_path):
+    """Not clothes at all: synthetic block images (the kind the unit tests train on)."""
+    from tests.conftest import synthetic_split
+
+    paths, params = monitoring_project(tmp_path)
+    other = synthetic_split(100, size=28).images  # 400 images of bright squares on noise
+    serve_window(paths, params, other)
+    result = run_monitoring(paths, params, last=400)
+    assert result["drift"] and len(result["reasons"]) >= 2

@@ -135,6 +135,8 @@ class MonitoringParams(_Section):
     log_predictions: bool = True
     log_path: str = "logs/predictions.sqlite"
     log_max_rows: int = Field(1_000_000, ge=1000)
+    # Also keep each (model-sized) input image as PNG: for debugging drift, costs disk and CPU.
+    log_images: bool = False
 
 
 class Params(_Section):

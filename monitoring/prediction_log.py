@@ -2,8 +2,9 @@
 
 Each row holds when, which model version, the predicted class and its probability, the latency,
 and a compact summary of the input (pixel statistics and the model's penultimate-layer
-embedding as float16), never the image itself. SQLite in WAL mode lets several service workers
-append while the monitoring flow reads; ``max_rows`` bounds the file (oldest rows go first).
+embedding as float16); the image itself (model-sized PNG) only with monitoring.log_images on.
+SQLite in WAL mode lets several service workers append while the monitoring flow reads;
+``max_rows`` bounds the file (oldest rows go first).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     confidence REAL NOT NULL,
     latency_ms REAL NOT NULL,
     pixels TEXT NOT NULL,
-    embedding BLOB
+    embedding BLOB,
+    image BLOB
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 """
@@ -43,6 +45,7 @@ COLUMNS = (
     "latency_ms",
     "pixels",
     "embedding",
+    "image",
 )
 
 
@@ -56,6 +59,9 @@ class PredictionLog:
         self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        existing = {row[1] for row in self._db.execute("PRAGMA table_info(predictions)")}
+        if "image" not in existing:  # a log written before images could be switched on
+            self._db.execute("ALTER TABLE predictions ADD COLUMN image BLOB")
         self._lock = threading.Lock()
 
     @staticmethod
@@ -68,7 +74,9 @@ class PredictionLog:
         latency_ms: float,
         pixels: np.ndarray,
         embedding: np.ndarray | None,
+        image: bytes | None = None,
     ) -> tuple:
+        """One log row; ``image`` (the model-sized input as PNG) only when switched on."""
         return (
             ts,
             model_version,
@@ -78,6 +86,7 @@ class PredictionLog:
             float(latency_ms),
             json.dumps([round(float(v), 5) for v in pixels]),
             None if embedding is None else np.asarray(embedding, "<f2").tobytes(),
+            image,
         )
 
     def append(self, rows: list[tuple]) -> None:
@@ -122,6 +131,7 @@ class PredictionLog:
             "embeddings": np.stack(embeddings)
             if len(embeddings) == len(rows) and rows
             else np.zeros((len(rows), 0), np.float32),
+            "images": [r[8] for r in rows],
         }
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ overrides the alias. Without such a model the service still starts, reports not-
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from imageclf.config import load_params
@@ -57,6 +59,13 @@ INFERENCE_LATENCY = Histogram(
     "Decoded images to probabilities, batching included.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A model-sized uint8 HWC image as PNG (for the prediction log, when images are on)."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class ClientError(BentoMLException):
@@ -155,6 +164,7 @@ class ImageClassifier:
                     latency_ms,
                     pixels[i],
                     None if embeddings is None else embeddings[i],
+                    png_bytes(batch[i]) if PARAMS.monitoring.log_images else None,
                 )
                 for i, k in enumerate(predicted)
             ]

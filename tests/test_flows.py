@@ -149,7 +149,7 @@ def test_monitoring_flow_records_a_drift_artifact(prefect_api, tmp_path, monkeyp
 
     monkeypatch.setenv("IMAGECLF_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    paths, params = monitoring_project(tmp_path)
+    paths, params = monitoring_project(tmp_path, monkeypatch)
     serve_window(paths, params, 255 - load_dataset(paths.dataset).test.images[:300])
     state = monitoring_flow(last=300, retrain_on_drift=True, return_state=True)
     assert state.is_completed(), state.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from imageclf.data.store import load_dataset
@@ -15,21 +16,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_reference_stage_writes_summaries(tmp_path):
-    paths, _ = monitoring_project(tmp_path)
+def test_reference_stage_writes_summaries(tmp_path, monkeypatch):
+    paths, _ = monitoring_project(tmp_path, monkeypatch)
     summary = read_json(paths.reports / "reference.json")
     assert summary["images"] == 2000 and summary["embedding_dim"] == 32
     assert abs(sum(summary["predicted_share"].values()) - 1) < 1e-3
 
 
 @pytest.mark.parametrize(
-    ("shift", "drift"), [("none", False), ("inverted", True), ("brighter", True)]
+    ("shift", "drift"),
+    [("none", False), ("inverted", True), ("brighter", True), ("rotated", True)],
 )
-def test_report_on_the_logged_window(tmp_path, shift, drift):
-    paths, params = monitoring_project(tmp_path)
+def test_report_on_the_logged_window(tmp_path, monkeypatch, shift, drift):
+    paths, params = monitoring_project(tmp_path, monkeypatch)
     images = load_dataset(paths.dataset).test.images[:400]
     if shift == "inverted":
         images = 255 - images
+    elif shift == "rotated":
+        images = np.rot90(images, 1, axes=(1, 2)).copy()
     elif shift == "brighter":
         images = (images.astype(int) + 60).clip(0, 255).astype("uint8")
     serve_window(paths, params, images)
@@ -41,13 +45,13 @@ def test_report_on_the_logged_window(tmp_path, shift, drift):
     assert read_json(paths.reports / "monitoring" / "verdict.json")["drift"] is drift
 
 
-def test_repeated_held_out_windows_rarely_alarm_with_the_models_embedding(tmp_path):
+def test_repeated_held_out_windows_rarely_alarm_with_the_models_embedding(tmp_path, monkeypatch):
     """False alarms in at most 5% of windows, through the real log and the model's embedding."""
     import numpy as np
 
     from monitoring.prediction_log import PredictionLog
 
-    paths, params = monitoring_project(tmp_path)
+    paths, params = monitoring_project(tmp_path, monkeypatch)
     test = load_dataset(paths.dataset).test.images
     alarms = 0
     for w in range(20):
@@ -60,11 +64,11 @@ def test_repeated_held_out_windows_rarely_alarm_with_the_models_embedding(tmp_pa
     assert alarms <= 1
 
 
-def test_images_of_another_kind_alarm(tmp_path):
+def test_images_of_another_kind_alarm(tmp_path, monkeypatch):
     """Not clothes at all: synthetic block images (the kind the unit tests train on)."""
     from tests.conftest import synthetic_split
 
-    paths, params = monitoring_project(tmp_path)
+    paths, params = monitoring_project(tmp_path, monkeypatch)
     other = synthetic_split(100, size=28).images  # 400 images of bright squares on noise
     serve_window(paths, params, other)
     result = run_monitoring(paths, params, last=400)

@@ -48,3 +48,22 @@ def test_background_writer_writes_everything_it_was_given(tmp_path):
     assert time.perf_counter() - started < 0.5  # the caller never waits on the disk
     writer.close()
     assert len(log.read_window()["ts"]) == 300 and writer.dropped == 0
+
+
+def test_images_are_kept_only_when_given_and_old_logs_are_upgraded(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "p.sqlite"
+    old = sqlite3.connect(path)  # a log from before the image column existed
+    old.execute(
+        "CREATE TABLE predictions (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,"
+        " model_version TEXT NOT NULL, predicted INTEGER NOT NULL, label TEXT NOT NULL,"
+        " confidence REAL NOT NULL, latency_ms REAL NOT NULL, pixels TEXT NOT NULL,"
+        " embedding BLOB)"
+    )
+    old.commit()
+    old.close()
+    log = PredictionLog(path)
+    base = rows(2)
+    log.append([base[0], (*base[1][:-1], b"\x89PNG fake")])
+    assert log.read_window()["images"] == [None, b"\x89PNG fake"]

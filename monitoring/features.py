@@ -11,17 +11,25 @@ PIXEL_FEATURES = ("mean", "std", "min", "max", "p10", "p90", "dark_fraction")
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
-    """Per-image statistics of uint8 (N, H, W, C) images -> (N, 7) float32, in [0, 1]."""
-    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    """Per-image statistics of uint8 (N, H, W, C) images -> (N, 7) float32, in [0, 1].
+
+    It runs once per request in the service, so it avoids ``np.percentile`` (about 100 µs for
+    one small image): the 10th/90th percentiles are order statistics from one partition.
+    """
+    flat = images.reshape(len(images), -1)
+    m = flat.shape[1]
+    k10, k90 = int(0.1 * (m - 1)), int(0.9 * (m - 1))
+    ranked = np.partition(flat, (k10, k90), axis=1)
+    scaled = flat.astype(np.float32) / 255.0
     return np.stack(
         [
-            flat.mean(1),
-            flat.std(1),
-            flat.min(1),
-            flat.max(1),
-            np.percentile(flat, 10, axis=1),
-            np.percentile(flat, 90, axis=1),
-            (flat < 0.05).mean(1),
+            scaled.mean(1),
+            scaled.std(1),
+            flat.min(1) / 255.0,
+            flat.max(1) / 255.0,
+            ranked[:, k10] / 255.0,
+            ranked[:, k90] / 255.0,
+            (flat < 13).mean(1),  # share of pixels below 0.05 (12.75 / 255)
         ],
         axis=1,
     ).astype(np.float32)

@@ -17,7 +17,7 @@ from torch import nn
 
 from imageclf.io import write_with
 from imageclf.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
-from imageclf.transforms import to_model_input
+from imageclf.transforms import to_model_array, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def ort_logits(session: Any, images: np.ndarray, batch_size: int = 256) -> np.nd
     """Logits for uint8 NHWC images through the shared preprocessing."""
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start : start + batch_size]).numpy()
+        x = to_model_array(images[start : start + batch_size])
         out.append(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 

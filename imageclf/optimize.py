@@ -20,7 +20,7 @@ from torch import nn
 
 from imageclf.export import INPUT_NAME, ort_logits, ort_session
 from imageclf.models import fold_batchnorm
-from imageclf.transforms import to_model_input
+from imageclf.transforms import to_model_array, to_model_input
 
 
 def time_call(fn: Callable[[], Any], warmup: int = 3, iterations: int = 20) -> list[float]:
@@ -67,7 +67,7 @@ class _Calibration:
 
     def __init__(self, images: np.ndarray, batch: int = 64) -> None:
         self._batches = iter(
-            [to_model_input(images[i : i + batch]).numpy() for i in range(0, len(images), batch)]
+            [to_model_array(images[i : i + batch]) for i in range(0, len(images), batch)]
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -102,7 +102,7 @@ def compare_onnx(
 ) -> dict[str, Any]:
     """Accuracy and ORT latency (batch ``batch``) of the FP32 and INT8 models, same process."""
     fp32, int8 = ort_session(fp32_path), ort_session(int8_path)
-    x = {INPUT_NAME: to_model_input(images[:batch]).numpy()}
+    x = {INPUT_NAME: to_model_array(images[:batch])}
     fp32_ms = float(np.median(time_call(lambda: fp32.run(None, x), iterations=30)))
     int8_ms = float(np.median(time_call(lambda: int8.run(None, x), iterations=30)))
     return {

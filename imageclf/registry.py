@@ -211,39 +211,47 @@ def status(paths: ProjectPaths, cfg: RegistryParams) -> dict[str, Any]:
     }
 
 
-def register_workspace(paths: ProjectPaths, params: Params) -> str:
-    """Register the workspace's verified models/model.onnx (from `dvc repro`) as challenger.
+def register_workspace(
+    paths: ProjectPaths,
+    params: Params,
+    run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Register the workspace's verified models/model.onnx as challenger (DVC and the flow both
+    come here), attached to the MLflow run that trained it (default: reports/train.json's).
 
-    It is attached to the MLflow run that trained it (reports/train.json), which already holds
-    that model's parameters, evaluation and benchmark metrics.
+    The same ONNX file is never registered twice: its SHA-256 is a version tag.
     """
     from imageclf.data.store import load_dataset
     from imageclf.io import read_json
     from imageclf.tracking import git_commit, params_hash
-    from imageclf.transforms import to_model_input
+    from imageclf.transforms import to_model_array
 
     train_report = paths.reports / "train.json"
-    if not paths.onnx.is_file() or not train_report.is_file():
+    if not paths.onnx.is_file() or (run_id is None and not train_report.is_file()):
         raise RegistryError(
             "No exported model in this workspace: run `make run` (dvc repro) first."
         )
-    run_id = read_json(train_report)["mlflow_run_id"]
+    run_id = run_id or read_json(train_report)["mlflow_run_id"]
     digest = hashlib.sha256(paths.onnx.read_bytes()).hexdigest()
-    name = params.registry.model_name
-    registry = client(paths)
-    if registry.search_registered_models(f"name = '{name}'"):
-        for version in registry.search_model_versions(f"name = '{name}'"):
-            if version.tags.get("onnx_sha256") == digest:
-                log.info("this model is already version %s: nothing to register", version.version)
-                return str(version.version)
-    example = to_model_input(load_dataset(paths.dataset).test.images[:2]).numpy()
     tags = {
         "git_commit": git_commit(paths.root),
         "params_hash": params_hash(params),
         "dvc_data_hash": dvc_data_hash(paths.root) or "none",
         "source": "dvc repro",
+        **(extra_tags or {}),
         "onnx_sha256": digest,
     }
+    name = params.registry.model_name
+    registry = client(paths)
+    if registry.search_registered_models(f"name = '{name}'"):
+        for version in registry.search_model_versions(f"name = '{name}'"):
+            if version.tags.get("onnx_sha256") == digest:
+                for key, value in tags.items():  # the run still records where it came from
+                    registry.set_tag(run_id, key, value)
+                log.info("this model is already version %s: nothing to register", version.version)
+                return str(version.version)
+    example = to_model_array(load_dataset(paths.dataset).test.images[:2])
     return log_and_register(paths, params, run_id, paths.onnx, example, tags)
 
 

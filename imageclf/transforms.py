@@ -49,15 +49,13 @@ def to_model_array(images: np.ndarray) -> np.ndarray:
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The same contract as :func:`to_model_array`, as a torch tensor (training, evaluation)."""
+    """:func:`to_model_array` as a torch tensor (training, evaluation): one implementation of
+    the input contract for every caller, training and serving alike."""
     import torch
 
-    batch = torch.as_tensor(images)
-    if batch.ndim == 3:
-        batch = batch.unsqueeze(0)
-    if batch.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images, got {batch.dtype}")
-    return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if isinstance(images, torch.Tensor):
+        images = images.numpy()  # uint8 CPU tensors share memory with the array: no copy
+    return torch.from_numpy(to_model_array(images))
 
 
 def random_augment(

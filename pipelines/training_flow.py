@@ -70,20 +70,18 @@ STAGE_TASKS = {name: _stage_task(name, module, retries) for name, module, retrie
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(params: Params, paths: ProjectPaths, run_id: str) -> str:
     """Log the verified ONNX model to the training run and register it as challenger."""
-    from imageclf.data.store import load_dataset
-    from imageclf.registry import dvc_data_hash, log_and_register
-    from imageclf.tracking import git_commit, params_hash
-    from imageclf.transforms import to_model_input
+    from imageclf.registry import register_workspace
 
-    example = to_model_input(load_dataset(paths.dataset).test.images[:2]).numpy()
-    tags = {
-        "git_commit": git_commit(paths.root),
-        "params_hash": params_hash(params),
-        "dvc_data_hash": dvc_data_hash(paths.root) or "none",
-        "prefect_flow_run_id": str(runtime.flow_run.id or "none"),
-        "prefect_flow_run_name": str(runtime.flow_run.name or "none"),
-    }
-    version = log_and_register(paths, params, run_id, paths.onnx, example, tags)
+    version = register_workspace(
+        paths,
+        params,
+        run_id,
+        extra_tags={
+            "source": "prefect",
+            "prefect_flow_run_id": str(runtime.flow_run.id or "none"),
+            "prefect_flow_run_name": str(runtime.flow_run.name or "none"),
+        },
+    )
     get_run_logger().info("registered %s v%s as challenger", params.registry.model_name, version)
     return version
 

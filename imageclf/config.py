@@ -120,6 +120,12 @@ class ServingParams(_Section):
     max_latency_ms: float = Field(5.0, ge=0)
     workers: int = Field(1, ge=1)
     threads: int = Field(0, ge=0)
+    # Where uploads are spooled as request temp files (BentoML hands `Path` inputs to the API as
+    # files); a RAM-backed directory avoids a filesystem journal write per request. Empty: the
+    # system default. A missing or unwritable directory falls back to the default.
+    upload_temp_dir: str = "/dev/shm"
+    # One log line per request; the prediction log and /metrics record every request anyway.
+    access_log: bool = True
 
 
 class MonitoringParams(_Section):

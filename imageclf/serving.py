@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,18 +157,26 @@ class OnnxClassifier:
         ]
 
 
+BatchFn = Callable[[np.ndarray], tuple["np.ndarray | None", ...]]
+
+
 class AdaptiveBatcher:
     """Gather concurrent requests into one model call: up to ``max_batch_size`` images, waiting
     at most ``max_latency_ms`` after the first one arrives for more to come.
 
-    One inference runs at a time on a dedicated thread, so the event loop keeps accepting
-    requests while the model works and whatever queued meanwhile forms the next batch at once:
-    under load, batches grow by themselves even with ``max_latency_ms`` 0 (which then costs a
-    lone request nothing); a positive value trades that much latency for fuller batches.
+    ``fn`` maps a uint8 (N, H, W, C) batch to a tuple of per-image arrays (N, ...) or None, e.g.
+    ``OnnxClassifier.predict`` (probabilities, embedding); whatever else is per image and
+    vectorises (the monitoring summary) belongs in it too, computed once per batch. Each caller
+    gets the rows of every output that belong to its images.
+
+    One batch runs at a time on a dedicated thread, so the event loop keeps accepting requests
+    while the model works and whatever queued meanwhile forms the next batch at once: under
+    load, batches grow by themselves even with ``max_latency_ms`` 0 (which then costs a lone
+    request nothing); a positive value trades that much latency for fuller batches.
     """
 
-    def __init__(self, model: OnnxClassifier, max_batch_size: int, max_latency_ms: float) -> None:
-        self.model = model
+    def __init__(self, fn: BatchFn, max_batch_size: int, max_latency_ms: float) -> None:
+        self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
@@ -183,9 +191,8 @@ class AdaptiveBatcher:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self._queue
 
-    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities (and embeddings, when the model has them) for ``images`` (N, H, W, C),
-        computed in some shared batch."""
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        """``fn``'s outputs for ``images`` (N, H, W, C), computed in some shared batch."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ensure_started().put_nowait((images, future))
         return await future
@@ -213,9 +220,7 @@ class AdaptiveBatcher:
                 count += len(item[0])
             batch = np.concatenate([images for images, _ in pending])
             try:
-                probs, embeddings = await loop.run_in_executor(
-                    self._executor, self.model.predict, batch
-                )
+                outputs = await loop.run_in_executor(self._executor, self.fn, batch)
             except Exception as exc:  # the model failed: fail these requests, keep serving
                 for _, future in pending:
                     if not future.done():
@@ -225,12 +230,10 @@ class AdaptiveBatcher:
             self.images += len(batch)
             start = 0
             for images, future in pending:
+                end = start + len(images)
                 if not future.done():
-                    end = start + len(images)
-                    future.set_result(
-                        (probs[start:end], None if embeddings is None else embeddings[start:end])
-                    )
-                start += len(images)
+                    future.set_result(tuple(None if o is None else o[start:end] for o in outputs))
+                start = end
 
 
 def classify_files(

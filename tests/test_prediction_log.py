@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 
 import numpy as np
 
@@ -41,13 +41,41 @@ def test_oldest_rows_go_when_full(tmp_path):
 
 def test_background_writer_writes_everything_it_was_given(tmp_path):
     log = PredictionLog(tmp_path / "p.sqlite")
-    writer = BackgroundWriter(log, flush_every_s=0.05)
-    started = time.perf_counter()
+    writes = []
+    append = log.append
+    log.append = lambda batch: (writes.append(len(batch)), append(batch))  # type: ignore[method-assign]
+    writer = BackgroundWriter(log, flush_every_s=0.2)
+    caller = threading.get_ident()
+    built_on = set()
+
+    def chunk(i: int):
+        built_on.add(threading.get_ident())
+        return rows(30, start=i * 30)
+
     for i in range(10):
-        writer.put(rows(30, start=i * 30))
-    assert time.perf_counter() - started < 0.5  # the caller never waits on the disk
+        writer.put(lambda i=i: chunk(i))
     writer.close()
     assert len(log.read_window()["ts"]) == 300 and writer.dropped == 0
+    assert caller not in built_on  # the rows were built on the writer thread
+    assert len(writes) <= 2  # gathered into few transactions, not one per put
+
+
+def test_background_writer_drops_beyond_its_backlog_and_survives_bad_rows(tmp_path):
+    log = PredictionLog(tmp_path / "p.sqlite")
+    writer = BackgroundWriter(log, max_backlog=3, flush_every_s=60)
+    writer.put(lambda: 1 / 0)  # type: ignore[arg-type, return-value]
+    for i in range(4):
+        writer.put(lambda i=i: rows(1, start=i))
+    writer.close()
+    assert writer.dropped == 2 and len(log.read_window()["ts"]) == 2
+
+
+def test_trimming_keeps_the_newest_rows_across_many_appends(tmp_path):
+    log = PredictionLog(tmp_path / "p.sqlite", max_rows=1000)
+    for i in range(12):
+        log.append(rows(250, start=i * 250))
+    window = log.read_window()
+    assert len(window["ts"]) == 1000 and window["ts"][0] == 2000 and window["ts"][-1] == 2999
 
 
 def test_images_are_kept_only_when_given_and_old_logs_are_upgraded(tmp_path):

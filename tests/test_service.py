@@ -333,11 +333,18 @@ def test_predictions_are_logged_with_input_summaries(server, champion_project, t
     from monitoring.prediction_log import PredictionLog
 
     images, _, offline = test_images
+    path = champion_project.root / "logs" / "predictions.sqlite"
+
+    def logged() -> int:
+        return len(PredictionLog(path).read_window()["ts"]) if path.exists() else 0
+
+    before = logged()  # earlier tests' requests may still be on their way to the log
+    time.sleep(1.0)
+    before = max(before, logged())
     r = httpx.post(f"{server}/classify", files={"image": ("x.png", png(images[5]), "image/png")})
     assert r.status_code == 200
-    path = champion_project.root / "logs" / "predictions.sqlite"
-    for _ in range(40):  # the service writes on a background thread
-        if path.exists() and len(PredictionLog(path).read_window()["ts"]):
+    for _ in range(40):  # the service writes on a background thread, every 0.25 s
+        if logged() > before:
             break
         time.sleep(0.25)
     window = PredictionLog(path).read_window(last=1)

@@ -91,16 +91,23 @@ def test_probabilities_and_top_k(classifier):
 def test_batcher_shares_model_calls_and_returns_each_its_own(classifier):
     images = synthetic_split(5).images  # 20 images
     expected = classifier.probabilities(images)
-    batcher = AdaptiveBatcher(classifier, max_batch_size=64, max_latency_ms=0)
 
-    async def many() -> list[np.ndarray]:
-        return await asyncio.gather(*(batcher.submit(images[i : i + 1]) for i in range(20)))
+    def fn(batch: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        probs, _ = classifier.predict(batch)
+        return probs, None, batch.reshape(len(batch), -1).mean(1)  # any per-image outputs
+
+    batcher = AdaptiveBatcher(fn, max_batch_size=64, max_latency_ms=0)
+    chunks = [(i, i + 1) for i in range(10)] + [(10, 13), (13, 20)]  # 1 to 7 images each
+
+    async def many() -> list[tuple[np.ndarray | None, ...]]:
+        return await asyncio.gather(*(batcher.submit(images[a:b]) for a, b in chunks))
 
     results = asyncio.run(many())
-    np.testing.assert_allclose(
-        np.concatenate([p for p, _ in results]), expected, rtol=1e-5, atol=1e-6
-    )
-    assert batcher.images == 20 and batcher.batches < 20
+    for (a, b), (probs, nothing, means) in zip(chunks, results, strict=True):
+        np.testing.assert_allclose(probs, expected[a:b], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(means, images[a:b].reshape(b - a, -1).mean(1))
+        assert nothing is None
+    assert batcher.images == 20 and batcher.batches < len(chunks)
 
 
 def test_classify_files_reports_unreadable_files(classifier, tmp_path: Path):

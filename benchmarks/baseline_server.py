@@ -3,12 +3,17 @@
 One request, one ONNX Runtime call (no batching), multipart upload like the service's /classify.
 Also a no-op endpoint that only reads the upload: the ceiling of HTTP on this machine.
 
-    python -m benchmarks.baseline_server MODEL.onnx --port 3200
+    python -m benchmarks.baseline_server MODEL.onnx --port 3200 [--workers 2 --threads 1]
+
+One process with ONNX Runtime's default threads is the by-the-docs server; ``--workers`` runs
+uvicorn's multi-process mode (each worker loads the model), the fairer match for the service's
+two workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import uvicorn
@@ -39,14 +44,24 @@ def make_app(model_path: Path, threads: int = 0) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """The app for uvicorn's worker processes (they import it by name)."""
+    return make_app(Path(os.environ["BASELINE_MODEL"]), int(os.environ.get("BASELINE_THREADS", 0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", type=Path)
     parser.add_argument("--port", type=int, default=3200)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: default)")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    os.environ["BASELINE_MODEL"] = str(args.model.resolve())
+    os.environ["BASELINE_THREADS"] = str(args.threads)
     uvicorn.run(
-        make_app(args.model, args.threads),
+        "benchmarks.baseline_server:app_from_env",
+        factory=True,
+        workers=args.workers,
         host="127.0.0.1",
         port=args.port,
         log_level="warning",

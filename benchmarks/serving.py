@@ -4,16 +4,23 @@ within one run on this shared machine).
 Drives each server with `wrk` (a C load generator: a Python client saturates first on 2 cores)
 for a bounded time on loopback, at several concurrencies, posting a real test image:
 
-* bentoml /classify       the BentoML service's API endpoint (multipart upload)
+* bentoml /classify        the BentoML service's API endpoint (multipart upload)
 * bentoml /ui/api/classify the service's lean route (raw image body), same model path
-* baseline /classify      plain FastAPI + ONNX Runtime, one model call per request
-* baseline /noop          reads the upload and answers: the HTTP ceiling here
-* onnxruntime in-process  batch 1 and 64, no HTTP at all
+* baseline /classify       plain FastAPI + ONNX Runtime, one model call per request, one
+                           process (the by-the-docs server the service must beat)
+* baseline x2 /classify    the same with two uvicorn workers and one ORT thread each (a tuned
+                           plain server, for an honest picture)
+* baseline /noop           reads the upload and answers: the HTTP ceiling here
+* onnxruntime in-process   batch 1 and 64, no HTTP at all
 
     python -m benchmarks.serving [--duration 10] [--concurrency 1 8 32 64]
 
-Serves whatever the registry calls champion (as `bentoml serve` would) and gives the baseline
-the same ONNX file. Writes a Markdown table (default docs/serving-benchmark.md).
+Serves whatever the registry calls champion (as `bentoml serve` would) and gives the baselines
+the same ONNX file. All servers start first and the cells of each concurrency run back to back
+(each after a short warm-up), so slow drifts of this shared machine hit every target alike.
+Besides wrk's numbers, each row has the server's CPU time per request (all its processes,
+from /proc): the cost that decides throughput once the cores are busy, and steadier than
+requests/s. Writes a Markdown table (default docs/serving-benchmark.md).
 """
 
 from __future__ import annotations
@@ -67,6 +74,60 @@ def wrk(url: str, image: Path, concurrency: int, duration: float, raw: bool = Fa
     return stats
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and all its live descendants (Linux /proc): BentoML
+    runs its workers as children of the arbiter, uvicorn as children of its supervisor."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the process name
+        except OSError:  # the process ended meanwhile
+            continue
+        child = int(stat.parent.name)
+        parent[child] = int(fields[1])
+        cpu[child] = int(fields[11]) + int(fields[12])  # utime, stime
+    family, frontier = {pid}, [pid]
+    while frontier:
+        current = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == current and child not in family:
+                family.add(child)
+                frontier.append(child)
+    return sum(cpu.get(p, 0) for p in family) / tick
+
+
+def verdict(results: list[dict], concurrency: int = 32) -> list[str]:
+    """The issue's target, read off this run: at ``concurrency``, does the service's /classify
+    beat the plain server's throughput with p99 <= 100 ms and no failed request?"""
+    cells = {r["target"]: r for r in results if r["concurrency"] == concurrency}
+    service = cells.get("bentoml /classify (multipart)")
+    plain = cells.get("baseline FastAPI /classify")
+    if not service or not plain:
+        return []
+    lines = [f"At concurrency {concurrency}, bentoml /classify against:"]
+    for label in ("baseline FastAPI /classify", "baseline FastAPI x2 workers /classify"):
+        if label in cells:
+            other = cells[label]
+            ratio = service["requests_per_second"] / other["requests_per_second"]
+            lines.append(
+                f"- {label}: {ratio:.2f}x the requests/s; server CPU per request "
+                f"{service['cpu_ms_per_request']:.2f} vs {other['cpu_ms_per_request']:.2f} ms"
+            )
+    met = (
+        service["requests_per_second"] > plain["requests_per_second"]
+        and service["p99_ms"] <= 100
+        and service["failed"] == 0  # wrk's errors: connect, read, write, timeout, non-2xx
+    )
+    lines.append(
+        f"- target (beat the plain server, p99 <= 100 ms, no failure): "
+        f"{'met' if met else 'NOT met'} (p99 {service['p99_ms']:.1f} ms, "
+        f"{service['failed']} failed)"
+    )
+    return lines
+
+
 def in_process(model: OnnxClassifier, images: np.ndarray) -> list[dict]:
     rows = []
     for batch in (1, 64):
@@ -107,8 +168,8 @@ def main() -> None:
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
     (work / "bentoml").mkdir()
 
-    # (server command, readiness path, [(row label, path, raw body?)]): one server at a time,
-    # so that each has the machine to itself.
+    # (server command, readiness path, [(row label, path, raw body?)])
+    baseline = [str(bin_dir / "python"), "-m", "benchmarks.baseline_server", str(ref.path)]
     servers = [
         (
             [
@@ -125,30 +186,44 @@ def main() -> None:
             ],
         ),
         (
-            [str(bin_dir / "python"), "-m", "benchmarks.baseline_server", str(ref.path)],
+            baseline,
             "/docs",
             [
                 ("baseline FastAPI /classify", "/classify", False),
                 ("baseline FastAPI /noop (HTTP ceiling)", "/noop", False),
             ],
         ),
+        (
+            [*baseline, "--workers", "2", "--threads", "1"],
+            "/docs",
+            [("baseline FastAPI x2 workers /classify", "/classify", False)],
+        ),
     ]
     results: list[dict] = []
-    for cmd, ready, targets in servers:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start([*cmd, "--port", str(port)], env, ready_url=base + ready)
-        try:
-            for c in args.concurrency:
+    running: list[tuple] = []
+    try:
+        for cmd, ready, targets in servers:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            cmd = [*cmd, "--port", str(port)]
+            running.append((start(cmd, env, ready_url=base + ready), base, targets))
+        for c in args.concurrency:
+            for proc, base, targets in running:
                 for label, path, raw in targets:
+                    wrk(base + path, image, c, 1.0, raw=raw)  # warm-up: connections, caches
+                    cpu = tree_cpu_seconds(proc.pid)
+                    stats = wrk(base + path, image, c, args.duration, raw=raw)
+                    cpu = tree_cpu_seconds(proc.pid) - cpu
                     row = {
                         "target": label,
                         "concurrency": c,
-                        **wrk(base + path, image, c, args.duration, raw=raw),
+                        **stats,
+                        "cpu_ms_per_request": 1000 * cpu / max(stats["requests"], 1),
                     }
                     results.append(row)
                     print(row, flush=True)
-        finally:
+    finally:
+        for proc, _, _ in running:
             stop(proc)
     local = in_process(model, test.images)
 
@@ -157,15 +232,17 @@ def main() -> None:
         f"{args.duration:g} s per cell; wrk on loopback; command: "
         f"`python -m benchmarks.serving --duration {args.duration:g}`.",
         "",
-        "| target | concurrency | requests/s | p50 ms | p95 ms | p99 ms | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | concurrency | requests/s | p50 ms | p95 ms | p99 ms | failed | "
+        "server CPU ms/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
         lines.append(
             f"| {r['target']} | {r['concurrency']} | {r['requests_per_second']:.0f} | "
             f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['failed']} |"
+            f"{r['failed']} | {r['cpu_ms_per_request']:.2f} |"
         )
+    lines += ["", *verdict(results)]
     lines += ["", "| in-process | images/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
     for r in local:
         lines.append(
@@ -175,7 +252,10 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Serving benchmark\n\n" + table)
+    # Keep the hand-written reading of the numbers (from "## Reading it" on) across reruns.
+    old = args.out.read_text() if args.out.exists() else ""
+    notes = old[old.index("## Reading it") :] if "## Reading it" in old else ""
+    args.out.write_text("# Serving benchmark\n\n" + table + ("\n" + notes if notes else ""))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -125,7 +125,7 @@ class ServingParams(_Section):
     # system default. A missing or unwritable directory falls back to the default.
     upload_temp_dir: str = "/dev/shm"
     # One log line per request; the prediction log and /metrics record every request anyway.
-    access_log: bool = True
+    access_log: bool = False
 
 
 class MonitoringParams(_Section):

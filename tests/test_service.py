@@ -351,3 +351,28 @@ def test_predictions_are_logged_with_input_summaries(server, champion_project, t
     assert window["model_version"] == ["1"] and window["predicted"][0] == offline[5]
     assert window["pixels"].shape == (1, 7) and window["embeddings"].shape == (1, 32)
     assert 0 < window["confidence"][0] <= 1
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (make setup installs it)")
+def test_load_benchmark_runs_every_target(champion_project, tmp_path):
+    """The benchmark script end to end, briefly: every target answers under load without a
+    failed request and the report is written (its speed numbers are not asserted: noisy)."""
+    out = tmp_path / "bench.md"
+    env = {**os.environ, "IMAGECLF_ROOT": str(champion_project.root), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "benchmarks.serving", "--duration", "1", "--concurrency", "4"]
+    done = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = out.read_text()
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| ")]
+    served = {r[1].strip(): r for r in rows if r[2].strip() == "4"}
+    for target in (
+        "bentoml /classify (multipart)",
+        "bentoml /ui/api/classify (raw body)",
+        "baseline FastAPI /classify",
+        "baseline FastAPI x2 workers /classify",
+        "baseline FastAPI /noop (HTTP ceiling)",
+    ):
+        assert float(served[target][3]) > 0 and served[target][7].strip() == "0", target
+    assert "onnxruntime in-process, batch 64" in report

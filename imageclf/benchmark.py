@@ -1,4 +1,5 @@
-"""Latency and throughput of the model in PyTorch eager and ONNX Runtime, measured in one process.
+"""Latency and throughput of the model in PyTorch (eager, TorchScript, torch.compile) and ONNX
+Runtime (FP32, INT8), measured in one process.
 
 Numbers from one invocation are comparable with each other; numbers from different runs on a
 shared machine are not, which is why every backend is timed here side by side.
@@ -6,6 +7,7 @@ shared machine are not, which is why every backend is timed here side by side.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imageclf.export import INPUT_NAME, ort_session
+from imageclf.export import INPUT_NAME, load_torchscript, ort_session
 from imageclf.optimize import time_call
 from imageclf.transforms import to_model_input
 
@@ -38,13 +40,21 @@ def benchmark_backends(
     warmup: int,
     iterations: int,
     threads: int,
+    torchscript_path: Path | None = None,
+    compile_model: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per (backend, batch size): p50/p99 latency and throughput."""
+    """One row per (backend, batch size): p50/p99 latency and throughput.
+
+    ``torch_compile`` rows also carry ``compile_seconds``: the first call at each batch size
+    (Inductor generates and builds C++ kernels per shape), paid once per process and shape,
+    which is what decides whether compiling pays off for a short job."""
     if threads > 0:
         torch.set_num_threads(threads)
     rows = []
     model = model.eval().cpu()
     sessions = {name: ort_session(path, threads) for name, path in onnx_paths.items()}
+    scripted = load_torchscript(torchscript_path) if torchscript_path else None
+    compiled = torch.compile(model, dynamic=False) if compile_model else None
     for batch in batch_sizes:
         reps = int(np.ceil(batch / len(images)))
         x = to_model_input(np.concatenate([images] * reps)[:batch] if reps > 1 else images[:batch])
@@ -55,6 +65,24 @@ def benchmark_backends(
                 return model(x)
 
         backends["pytorch_eager"] = eager
+        compile_seconds: float | None = None
+        if scripted is not None:
+
+            def torchscript(x: torch.Tensor = x, m: Any = scripted) -> Any:
+                with torch.inference_mode():
+                    return m(x)
+
+            backends["torchscript"] = torchscript
+        if compiled is not None:
+
+            def torch_compile(x: torch.Tensor = x, m: Any = compiled) -> Any:
+                with torch.inference_mode():
+                    return m(x)
+
+            started = time.perf_counter()
+            torch_compile()  # compiles for this shape
+            compile_seconds = time.perf_counter() - started
+            backends["torch_compile"] = torch_compile
         feed = {INPUT_NAME: x.numpy()}
         for name, session in sessions.items():
             backends[name] = lambda s=session, f=feed: s.run(None, f)
@@ -65,9 +93,8 @@ def benchmark_backends(
                     "backend": name,
                     "batch_size": batch,
                     **stats,
-                    "threads": torch.get_num_threads()
-                    if name == "pytorch_eager"
-                    else (threads or torch.get_num_threads()),
+                    "threads": threads or torch.get_num_threads(),
+                    **({"compile_seconds": compile_seconds} if name == "torch_compile" else {}),
                 }
             )
     return rows

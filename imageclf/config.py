@@ -97,6 +97,8 @@ class BenchmarkParams(_Section):
     warmup: int = Field(10, ge=0)
     iterations: int = Field(100, ge=1)
     threads: int = Field(0, ge=0)
+    # Time torch.compile (Inductor, C++ codegen) too; compiling costs ~30 s per batch size here.
+    torch_compile: bool = True
 
 
 class RegistryParams(_Section):

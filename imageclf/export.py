@@ -1,7 +1,9 @@
-"""ONNX export with a dynamic batch axis, and proof that the export computes what PyTorch does.
+"""ONNX (and TorchScript) export, and proof that an export computes what PyTorch does.
 
 An export is only trusted after ``onnx.checker`` accepts it and ONNX Runtime agrees with PyTorch on
-real images (max absolute logit difference, argmax agreement).
+real images (max absolute logit difference, argmax agreement). TorchScript is the artefact for
+LibTorch (C++) runtimes; PyTorch 2.14 deprecates it in favour of ``torch.export``/ONNX, which is
+why ONNX is what the service runs.
 """
 
 from __future__ import annotations
@@ -96,5 +98,51 @@ def verify_onnx(path: Path, model: nn.Module, images: np.ndarray) -> dict[str, A
         "compared_images": len(images),
         "input_shape": [d if isinstance(d, int) else str(d) for d in inputs.shape],
         "dynamic_batch": not isinstance(inputs.shape[0], int),
+        "file_bytes": Path(path).stat().st_size,
+    }
+
+
+def export_torchscript(model: nn.Module, path: Path, input_shape: tuple[int, int, int]) -> Path:
+    """Trace ``model`` (eval, CPU) on an example batch, freeze it (weights become constants,
+    conv+BN and similar folds apply) and save it atomically for ``torch.jit.load``/LibTorch.
+
+    Tracing records the ops one example runs: fine for these models, which have no
+    data-dependent control flow; the verification below runs a different batch size to be sure
+    the batch dimension did not get baked in."""
+    model = model.eval().cpu()
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in 2.14, still supported
+            traced = torch.jit.trace(model, torch.rand(4, *input_shape))
+            frozen = torch.jit.freeze(traced)
+            torch.jit.save(frozen, str(tmp))
+
+    write_with(path, write, suffix=".pt")
+    return path
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` without its 2.14 deprecation warning (the format is still supported)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path)).eval()
+
+
+def verify_torchscript(path: Path, model: nn.Module, images: np.ndarray) -> dict[str, Any]:
+    """Compare the saved TorchScript module with the eager model on ``images`` (and on one
+    image, another batch size than the trace's)."""
+    scripted = load_torchscript(path)
+    x = to_model_input(images)
+    with torch.inference_mode():
+        ours, ref = scripted(x), model.eval().cpu()(x)
+        single = scripted(x[:1])
+    ours, ref, single = (o[0] if isinstance(o, tuple) else o for o in (ours, ref, single))
+    return {
+        "max_abs_diff": float((ours - ref).abs().max()) if len(images) else 0.0,
+        "argmax_agreement": float((ours.argmax(1) == ref.argmax(1)).float().mean())
+        if len(images)
+        else 1.0,
+        "batch_1_matches": bool(torch.allclose(single, ref[:1], atol=1e-4)),
         "file_bytes": Path(path).stat().st_size,
     }

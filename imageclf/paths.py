@@ -70,6 +70,10 @@ class ProjectPaths:
         return self.models / "model.int8.onnx"
 
     @property
+    def torchscript(self) -> Path:
+        return self.models / "model.torchscript.pt"
+
+    @property
     def loader_config(self) -> Path:
         return self.reports / "dataloader_check.json"
 

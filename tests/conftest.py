@@ -51,7 +51,7 @@ def tiny_params(**overrides: dict) -> Params:
     raw["profile"].update(steps=2, warmup=1, batch_size=32)
     raw["optimize"].update(calibration_images=32, eval_images=64)
     raw["export"].update(compare_images=32)
-    raw["benchmark"].update(batch_sizes=[1, 8], warmup=1, iterations=3)
+    raw["benchmark"].update(batch_sizes=[1, 8], warmup=1, iterations=3, torch_compile=False)
     raw["data"]["val_fraction"] = 0.1
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)

@@ -8,7 +8,9 @@ import mlflow
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
+from imageclf.export import load_torchscript
 from imageclf.io import read_json
 from imageclf.stage import StageError
 from imageclf.transforms import to_model_input
@@ -62,9 +64,16 @@ def test_chain_of_stages_produces_consistent_outputs(trained):
         x = to_model_input(np.zeros((batch, 12, 12, 1), np.uint8)).numpy()
         assert session.run(None, {"images": x})[0].shape == (batch, 4)
 
+    scripted = load_torchscript(paths.torchscript)  # the LibTorch artefact, verified
+    assert exp["torchscript"]["argmax_agreement"] == 1.0 and exp["torchscript"]["batch_1_matches"]
+    with torch.inference_mode():
+        logits, embedding = scripted(to_model_input(np.zeros((3, 12, 12, 1), np.uint8)))
+    assert logits.shape == (3, 4) and embedding.shape[0] == 3
+
     bench = benchmark.run(params, paths)
     backends = {(r["backend"], r["batch_size"]) for r in bench["rows"]}
     assert ("pytorch_eager", 1) in backends and ("onnxruntime_fp32", 8) in backends
+    assert ("torchscript", 8) in backends
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in bench["rows"])
     assert (paths.reports / "plots" / "benchmark.png").is_file()
 
@@ -73,12 +82,23 @@ def test_export_outside_tolerance_fails_and_keeps_previous_model(trained):
     paths, params, _ = trained
     optimize.run(params, paths)
     export.run(params, paths)
-    before = paths.onnx.read_bytes()
+    before = paths.onnx.read_bytes(), paths.torchscript.read_bytes()
     strict = tiny_params(export={"max_abs_diff": 1e-30})
     with pytest.raises(StageError, match="does not match PyTorch"):
         export.run(strict, paths)
-    assert paths.onnx.read_bytes() == before
-    assert not list(paths.models.glob(".model.onnx*")), "temporary export left behind"
+    assert (paths.onnx.read_bytes(), paths.torchscript.read_bytes()) == before
+    assert not list(paths.models.glob(".model.*")), "temporary export left behind"
+
+
+def test_benchmark_times_torch_compile(trained):
+    paths, _, _ = trained
+    params = tiny_params(benchmark={"torch_compile": True, "batch_sizes": [8], "iterations": 3})
+    optimize.run(params, paths)
+    export.run(params, paths)
+    bench = benchmark.run(params, paths)
+    compiled = [r for r in bench["rows"] if r["backend"] == "torch_compile"]
+    assert len(compiled) == 1 and compiled[0]["compile_seconds"] > 0
+    assert bench["torch_compile.batch_8.compile_seconds"] == compiled[0]["compile_seconds"]
 
 
 def test_download_failure_keeps_previous_dataset(project, tmp_path):

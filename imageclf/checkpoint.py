@@ -36,7 +36,13 @@ class ModelSpec:
 
     def build(self) -> nn.Module:
         model = build_model(
-            self.name, self.num_classes, self.in_channels, self.width, self.mean, self.std
+            self.name,
+            self.num_classes,
+            self.in_channels,
+            self.width,
+            self.mean,
+            self.std,
+            image_size=self.image_size,
         )
         return fold_batchnorm(model) if self.bn_folded else model
 

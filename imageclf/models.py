@@ -1,8 +1,8 @@
 """Model zoo: every architecture the project can train, behind one registry.
 
-To add a model, write a function ``(num_classes, in_channels, width) -> nn.Module`` and decorate it
-with ``@register("name")``; ``params.yaml`` ``train.model: name`` then trains it everywhere
-(DVC stage, Prefect flow, export, serving) with no other change.
+To add a model, write a function ``(num_classes, in_channels, width, image_size) -> nn.Module``
+and decorate it with ``@register("name")``; ``params.yaml`` ``train.model: name`` then trains it
+everywhere (DVC stage, Prefect flow, export, serving) with no other change.
 
 Every model starts with :class:`Normalize`, so its input contract is the one of
 ``imageclf.transforms.to_model_input`` (float32 NCHW in [0, 1]) and an exported ONNX file needs
@@ -41,13 +41,17 @@ def build_model(
     width: int = 32,
     mean: float = 0.5,
     std: float = 0.5,
+    image_size: int = 28,
 ) -> nn.Module:
-    """Build a registered model with its input normalization baked in."""
+    """Build a registered model with its input normalization baked in (``image_size``: the
+    side of the square input, which position-aware models such as ``vit_tiny`` need)."""
     if name not in _REGISTRY:
         raise ValueError(
             f"Unknown model {name!r}; choose one of {available_models()} (params.yaml train.model)."
         )
-    body = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width)
+    body = _REGISTRY[name](
+        num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
+    )
     return nn.Sequential(Normalize(mean, std, in_channels), body)
 
 
@@ -89,7 +93,9 @@ class ResidualBlock(nn.Module):
 
 
 @register("simple_cnn")
-def simple_cnn(num_classes: int, in_channels: int, width: int = 32) -> nn.Module:
+def simple_cnn(
+    num_classes: int, in_channels: int, width: int = 32, image_size: int = 28
+) -> nn.Module:
     """The classic two-conv baseline (PyTorch's MNIST example shape): a reference point."""
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1),
@@ -108,7 +114,9 @@ def simple_cnn(num_classes: int, in_channels: int, width: int = 32) -> nn.Module
 
 
 @register("resnet_small")
-def resnet_small(num_classes: int, in_channels: int, width: int = 32) -> nn.Module:
+def resnet_small(
+    num_classes: int, in_channels: int, width: int = 32, image_size: int = 28
+) -> nn.Module:
     """A small ResNet sized for the FLOP budget of a 2-core CPU.
 
     Full resolution only for a cheap stem; the work happens at 1/2 and 1/4 resolution, where a
@@ -124,6 +132,30 @@ def resnet_small(num_classes: int, in_channels: int, width: int = 32) -> nn.Modu
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(4 * w, num_classes),
+    )
+
+
+@register("vit_tiny")
+def vit_tiny(
+    num_classes: int, in_channels: int, width: int = 32, image_size: int = 28, patch: int = 4
+) -> nn.Module:
+    """A small vision transformer: 4x4 patches (49 tokens for 28x28), ``2 * width``-wide tokens,
+    4 pre-norm blocks of 4-head self-attention and a GELU MLP, mean-pooled.
+
+    Built from ``imageclf.layers`` (softmax, GELU, RMSNorm and attention written out). It has
+    no convolutional prior (locality comes only from the patches and what attention learns),
+    so expect it to need more epochs than ``resnet_small``: ``train.model: vit_tiny``."""
+    from imageclf.layers import PatchEmbedding, TokenPool, TransformerBlock
+
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+    dim = 2 * width
+    tokens = (image_size // patch) ** 2
+    return nn.Sequential(
+        PatchEmbedding(in_channels, dim, patch, tokens),
+        *(TransformerBlock(dim, heads=4) for _ in range(4)),
+        TokenPool(dim),
+        nn.Linear(dim, num_classes),
     )
 
 

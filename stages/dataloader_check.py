@@ -18,9 +18,11 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Write reports/dataloader_check.json: the overfit result, the grid, the chosen setting."""
     dataset = load_dataset(paths.dataset)
     cfg = params.dataloader_check
-    c, _, _ = dataset.image_shape
+    c, h, _ = dataset.image_shape
     seed_everything(params.seed)
-    model = build_model(params.train.model, dataset.num_classes, c, params.train.width)
+    model = build_model(
+        params.train.model, dataset.num_classes, c, params.train.width, image_size=h
+    )
     try:
         overfit = overfit_one_batch(model, dataset.train, cfg, params.seed)
     except OverfitFailed as exc:

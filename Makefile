@@ -14,12 +14,13 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup dataset run repro test test-fast lint format mlflow-ui clean
+.PHONY: help setup dataset run repro train-ddp test test-fast lint format mlflow-ui clean
 
 help:
 	@echo "make run        set up, then run the whole DVC pipeline (dvc repro)"
 	@echo "make test       set up, then the whole test suite (what CI runs)"
 	@echo "make test-fast  unit tests only (no end-to-end pipeline)"
+	@echo "make train-ddp  the train stage with DDP over NPROC processes (default 2; torchrun)"
 	@echo "make lint       ruff check + format check"
 	@echo "make mlflow-ui  open the MLflow UI on the project's SQLite store"
 
@@ -60,6 +61,10 @@ run: setup
 	$(BIN)/python -m imageclf.registry promote || true
 
 repro: run
+
+NPROC ?= 2
+train-ddp: setup
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m stages.train
 
 test: setup
 	$(BIN)/python -m pytest

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from imageclf import distributed
 from imageclf.config import TrainParams
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import Split
@@ -114,10 +115,17 @@ def train_model(
     on_epoch_end: Callable[[EpochMetrics, nn.Module, torch.optim.Optimizer], None] | None = None,
     progress: bool = True,
 ) -> TrainHistory:
-    """Train ``model`` in place; return per-epoch metrics."""
+    """Train ``model`` in place; return per-epoch metrics.
+
+    Under ``torchrun`` (see :mod:`imageclf.distributed`) each process trains a DDP replica on
+    its shard of ``train``; the metrics are then over all ranks and ``on_epoch_end`` runs on
+    rank 0 only, with the unwrapped model."""
     device = device or select_device()
-    generator = seed_everything(seed)
+    generator = seed_everything(seed + distributed.rank())  # own augmentation stream per rank
     model.to(device=device, memory_format=torch.channels_last)
+    if distributed.world_size() > 1:
+        train = train.subset(distributed.shard_indices(len(train), seed))
+    replica = distributed.wrap(model, device)
     train_loader = make_loader(
         train,
         cfg.batch_size,
@@ -141,7 +149,7 @@ def train_model(
     step = 0
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        replica.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
@@ -164,7 +172,7 @@ def train_model(
                 )
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(images)
+                logits = replica(images)
                 loss = criterion(logits, labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -185,6 +193,7 @@ def train_model(
             seen += batch
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         seconds = time.perf_counter() - t0
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
         val_loss = val_acc = None
         if val is not None and len(val):
             val_loss, val_acc = evaluate_loss_accuracy(
@@ -202,10 +211,11 @@ def train_model(
         )
         history.epochs.append(metrics)
         log.info("epoch %d: %s", epoch, metrics.as_dict())
-        if on_epoch_end:
+        if on_epoch_end and distributed.is_main():
             on_epoch_end(metrics, model, optimizer)
         if step >= total_steps:
             break
+    distributed.check_replicas_in_sync(model, device)
     history.seconds = time.perf_counter() - started
     return history
 

@@ -1,4 +1,8 @@
-"""Stage train: train the model named in params.train, checkpoint every epoch, log to MLflow."""
+"""Stage train: train the model named in params.train, checkpoint every epoch, log to MLflow.
+
+``torchrun --standalone --nproc_per_node N -m stages.train`` trains the same way with DDP over N
+processes (see imageclf.distributed); rank 0 does all the logging and writing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from imageclf import distributed
 from imageclf.checkpoint import ModelSpec, save_checkpoint
 from imageclf.config import Params
 from imageclf.data.loaders import load_loader_settings
@@ -25,6 +30,16 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Train, write models/model.pt and reports/train.json, and return the final metrics."""
+
+    joined = distributed.init_from_env()
+    try:
+        return _run(params, paths)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     import mlflow
 
     cfg = params.train
@@ -50,6 +65,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     seed_everything(params.seed)  # the initial weights too, not only the data order
     model = spec.build()
     loader = load_loader_settings(paths.loader_config)
+    if not distributed.is_main():  # a DDP worker: train its shard, leave the records to rank 0
+        train_model(model, train_split, val_split, cfg, seed=params.seed, loader=loader)
+        return {"rank": distributed.rank()}
     setup_mlflow(paths, cfg.mlflow_experiment)
     history_rows: list[dict[str, Any]] = []
     with (
@@ -73,6 +91,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             }
         )
         mlflow.log_params({"loader." + k: v for k, v in loader.as_dict().items()})
+        mlflow.log_param("world_size", distributed.world_size())
 
         def on_epoch_end(metrics: EpochMetrics, model_: Any, _opt: Any) -> None:
             row = metrics.as_dict()
@@ -111,6 +130,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             "val_accuracy": final.val_accuracy if final.val_accuracy is not None else -1.0,
             "images_per_second": float(np.mean([e.images_per_second for e in history.epochs])),
             "mlflow_run_id": active.info.run_id,
+            "world_size": distributed.world_size(),
         }
         mlflow.log_metrics({"train_seconds": history.seconds, "parameters": result["parameters"]})
     write_json(paths.reports / "train_history.json", history_rows)

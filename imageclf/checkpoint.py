@@ -84,3 +84,34 @@ def load_serving_model(paths: ProjectPaths, tta_flip: bool) -> tuple[nn.Module, 
     )
     model, spec, _ = load_checkpoint(source)
     return ServingGraph(model, tta_flip).eval(), spec, source
+
+
+def load_pretrained_features(model: nn.Module, path: Path) -> int:
+    """Copy the feature layers of the checkpoint at ``path`` into ``model`` (built by
+    ``build_model``): everything except the input normalisation, which belongs to the new
+    dataset, and the classifier, which belongs to its classes. Returns the tensors copied.
+
+    Transfer learning with what exists offline: a model this project trained on one dataset
+    (Fashion-MNIST) starts another (your ImageFolder). A mismatch in architecture, width or
+    input channels is an error that says which, not a silent partial load."""
+    source, spec, _ = load_checkpoint(path)
+    if spec.bn_folded:
+        raise ValueError(f"{path} has batch norm folded (an optimize output): use models/model.pt.")
+    ours, theirs = model[-1], source[-1]  # nn.Sequential(Normalize, body): the bodies
+    target_keys = [k for k in ours.state_dict() if not k.startswith(f"{len(ours) - 1}.")]
+    source_state = theirs.state_dict()
+    missing = [k for k in target_keys if k not in source_state]
+    wrong = [
+        f"{k} {tuple(source_state[k].shape)} vs {tuple(ours.state_dict()[k].shape)}"
+        for k in target_keys
+        if k in source_state and source_state[k].shape != ours.state_dict()[k].shape
+    ]
+    if missing or wrong:
+        problems = ([f"missing {missing[:3]}"] if missing else []) + wrong[:3]
+        raise ValueError(
+            f"{path} ({spec.name}, width {spec.width}, {spec.in_channels} channel(s)) does not "
+            f"fit this model: {'; '.join(problems)}. Use the same train.model, train.width and "
+            "image channels as the checkpoint."
+        )
+    ours.load_state_dict({k: source_state[k] for k in target_keys}, strict=False)
+    return len(target_keys)

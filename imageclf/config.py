@@ -65,6 +65,13 @@ class TrainParams(_Section):
     threads: int = Field(0, ge=0)
     max_steps: int | None = Field(None, ge=1)
     mlflow_experiment: str = "imageclf"
+    # Transfer learning: start the feature layers from this checkpoint (same model, width and
+    # input channels; its classes may differ: the classifier is always new). Relative paths are
+    # under the project root. Empty: train from scratch.
+    init_from: str = ""
+    # With init_from: train only the classifier for this many epochs (a linear probe on frozen
+    # features), then fine-tune everything for the rest.
+    freeze_epochs: int = Field(0, ge=0)
 
 
 class EvaluateParams(_Section):

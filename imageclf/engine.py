@@ -24,7 +24,7 @@ from imageclf import distributed
 from imageclf.config import TrainParams
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import Split
-from imageclf.models import FlipTTA
+from imageclf.models import FlipTTA, split_head
 from imageclf.transforms import random_augment, to_model_input
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,9 @@ def train_model(
     if distributed.world_size() > 1:
         train = train.subset(distributed.shard_indices(len(train), seed))
     replica = distributed.wrap(model, device)
+    # Transfer learning's linear probe: for the first freeze_epochs only the classifier learns.
+    features, _ = split_head(model) if cfg.freeze_epochs else (None, None)
+    frozen_params = list(features.parameters()) if features is not None else []
     train_loader = make_loader(
         train,
         cfg.batch_size,
@@ -150,6 +153,9 @@ def train_model(
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         replica.train()
+        frozen = features is not None and epoch <= cfg.freeze_epochs
+        if frozen:
+            features.eval()  # batch-norm statistics stay the pretrained ones too
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
@@ -180,6 +186,9 @@ def train_model(
                     "or check the data."
                 )
             scaler.scale(loss).backward()
+            if frozen:  # no step for them (SGD and AdamW skip parameters without a gradient);
+                for p in frozen_params:  # DDP-safe, unlike toggling requires_grad mid-run
+                    p.grad = None
             if cfg.grad_clip_norm > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)

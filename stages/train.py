@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from imageclf import distributed
-from imageclf.checkpoint import ModelSpec, save_checkpoint
+from imageclf.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
 from imageclf.config import Params
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import load_dataset, split_train_val
@@ -22,7 +22,7 @@ from imageclf.engine import EpochMetrics, seed_everything, set_threads, train_mo
 from imageclf.io import write_json
 from imageclf.models import count_parameters
 from imageclf.paths import ProjectPaths
-from imageclf.stage import main
+from imageclf.stage import StageError, main
 from imageclf.tracking import flatten, git_commit, params_hash, setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,18 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     del pixels
     seed_everything(params.seed)  # the initial weights too, not only the data order
     model = spec.build()
+    if cfg.init_from:
+        source = Path(cfg.init_from)
+        source = source if source.is_absolute() else paths.root / source
+        try:
+            copied = load_pretrained_features(model, source)
+        except (FileNotFoundError, ValueError) as exc:
+            raise StageError(f"train.init_from: {exc}") from exc
+        log.info("transfer learning: %d feature tensors from %s", copied, source)
+    elif cfg.freeze_epochs:
+        raise StageError(
+            "train.freeze_epochs needs train.init_from (freezing random features learns nothing)."
+        )
     loader = load_loader_settings(paths.loader_config)
     if not distributed.is_main():  # a DDP worker: train its shard, leave the records to rank 0
         train_model(model, train_split, val_split, cfg, seed=params.seed, loader=loader)

@@ -17,6 +17,22 @@ from starlette.requests import ClientDisconnect
 Scope = dict[str, Any]
 
 
+async def send_json_error(send: Any, status: int, message: str) -> None:
+    """Answer ``{"error": message}`` with ``status`` straight from a middleware."""
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodySizeLimit:
     """413 for a body over ``max_bytes``: by Content-Length up front, else while streaming."""
 
@@ -60,23 +76,12 @@ class BodySizeLimit:
             return
 
     async def _reject(self, send: Any, size: int) -> None:
-        body = json.dumps(
-            {
-                "error": f"request body of {size} bytes is over the "
-                f"{self.max_bytes}-byte limit (serving.max_request_bytes)."
-            }
+        await send_json_error(
+            send,
+            413,
+            f"request body of {size} bytes is over the {self.max_bytes}-byte limit "
+            "(serving.max_request_bytes).",
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body.encode()})
 
 
 class _TooLarge(Exception):
@@ -122,20 +127,9 @@ class RequestTimeout:
             await waiter
         except TimeoutError:
             if task.cancel():
-                body = json.dumps(
-                    {"error": f"the request took over {self.timeout:g} s (traffic timeout)."}
-                ).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 504,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
+                await send_json_error(
+                    send, 504, f"the request took over {self.timeout:g} s (traffic timeout)."
                 )
-                await send({"type": "http.response.body", "body": body})
             return
         finally:
             timer.cancel()

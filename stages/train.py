@@ -67,10 +67,19 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     if cfg.init_from:
         source = Path(cfg.init_from)
         source = source if source.is_absolute() else paths.root / source
+        if not source.is_file():
+            raise StageError(
+                f"train.init_from: no file at {source}. Point it at a checkpoint this project "
+                'wrote (a models/model.pt kept aside), or set it to "" to train from scratch.'
+            )
         try:
             copied = load_pretrained_features(model, source)
-        except (FileNotFoundError, ValueError) as exc:
+        except ValueError as exc:  # the wrong architecture, width or channels: says which
             raise StageError(f"train.init_from: {exc}") from exc
+        except Exception as exc:  # not a checkpoint at all (torch.load cannot read it)
+            raise StageError(
+                f"train.init_from: {source} is not a checkpoint this project wrote ({exc})."
+            ) from exc
         log.info("transfer learning: %d feature tensors from %s", copied, source)
     elif cfg.freeze_epochs:
         raise StageError(

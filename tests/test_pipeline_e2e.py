@@ -112,6 +112,13 @@ def test_every_stage_ran_and_wrote_sensible_outputs(pipeline):
     assert export["dynamic_batch"] and export["max_abs_diff"] <= 1e-4
     bench = read_json(reports / "benchmark.json")
     assert {r["batch_size"] for r in bench["rows"]} == {1, 64}
+    assert {r["backend"] for r in bench["rows"]} >= {
+        "pytorch_eager",
+        "torchscript",
+        "torch_compile",
+        "onnxruntime_fp32",
+    }
+    assert export["torchscript"]["argmax_agreement"] >= 0.999
     assert read_json(reports / "reference.json")["images"] == 500
     for png in ("confusion_matrix.png", "benchmark.png"):
         assert (reports / "plots" / png).stat().st_size > 1000

@@ -75,3 +75,11 @@ def test_train_stage_uses_init_from_and_refuses_freezing_without_it(project, sou
         train.run(tiny_params(train={"freeze_epochs": 1}), project)
     with pytest.raises(StageError, match="does not fit"):
         train.run(tiny_params(train={"width": 16, "init_from": str(path)}), project)
+    with pytest.raises(StageError, match="no file at"):
+        train.run(tiny_params(train={"init_from": "models/nowhere.pt"}), project)
+    garbage = project.root / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    before = project.checkpoint.read_bytes()
+    with pytest.raises(StageError, match="not a checkpoint this project wrote"):
+        train.run(tiny_params(train={"init_from": str(garbage)}), project)
+    assert project.checkpoint.read_bytes() == before  # the trained model is still there

@@ -130,7 +130,9 @@ class PredictionLog:
             "latency_ms": np.array([r[5] for r in rows], dtype=np.float32),
             "pixels": np.array([json.loads(r[6]) for r in rows], dtype=np.float32).reshape(
                 len(rows), -1
-            ),
+            )
+            if rows
+            else np.zeros((0, 0), np.float32),  # an empty log (or window) is not an error
             "embeddings": np.stack(embeddings)
             if len(embeddings) == len(rows) and rows
             else np.zeros((len(rows), 0), np.float32),

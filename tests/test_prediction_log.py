@@ -95,3 +95,8 @@ def test_images_are_kept_only_when_given_and_old_logs_are_upgraded(tmp_path):
     base = rows(2)
     log.append([base[0], (*base[1][:-1], b"\x89PNG fake")])
     assert log.read_window()["images"] == [None, b"\x89PNG fake"]
+
+
+def test_an_empty_log_reads_as_an_empty_window(tmp_path):
+    window = PredictionLog(tmp_path / "p.sqlite").read_window(last=10)
+    assert len(window["ts"]) == 0 and window["pixels"].shape[0] == 0

@@ -376,3 +376,21 @@ def test_load_benchmark_runs_every_target(champion_project, tmp_path):
     ):
         assert float(served[target][3]) > 0 and served[target][7].strip() == "0", target
     assert "onnxruntime in-process, batch 64" in report
+
+
+def test_stopping_the_service_writes_the_last_predictions(champion_project, test_images):
+    """A graceful stop flushes the prediction log's queue (the on_shutdown hook)."""
+    from monitoring.prediction_log import PredictionLog
+
+    images, _, _ = test_images
+    path = champion_project.root / "logs" / "predictions.sqlite"
+    proc, url = start_server(champion_project)
+    try:
+        time.sleep(1.0)  # whatever earlier tests queued is written by now
+        before = len(PredictionLog(path).read_window()["ts"]) if path.exists() else 0
+        for i in range(5):
+            files = {"image": ("x.png", png(images[i]), "image/png")}
+            assert httpx.post(f"{url}/classify", files=files).status_code == 200
+    finally:
+        stop(proc)  # SIGTERM right away: the rows are still queued in the workers
+    assert len(PredictionLog(path).read_window()["ts"]) == before + 5

@@ -8,7 +8,6 @@ import sys
 
 import mlflow
 import numpy as np
-import pytest
 
 from imageclf import distributed
 from imageclf.checkpoint import load_checkpoint
@@ -53,6 +52,6 @@ def test_shards_are_disjoint_equal_and_cover_the_data(monkeypatch):
 
 
 def test_single_process_is_untouched():
-    assert not distributed.init_from_env() or pytest.fail("WORLD_SIZE is not set here")
+    assert distributed.init_from_env() is False  # no torchrun environment: nothing joined
     assert distributed.world_size() == 1 and distributed.is_main()
     assert list(distributed.shard_indices(5, seed=0)) == [0, 1, 2, 3, 4]

@@ -21,7 +21,7 @@ help:
 	@echo "make test       set up, then the whole test suite (what CI runs)"
 	@echo "make test-fast  unit tests only (no end-to-end pipeline)"
 	@echo "make train-ddp  the train stage with DDP over NPROC processes (default 2; torchrun)"
-	@echo "make lint       ruff check + format check"
+	@echo "make lint       ruff check + format check + lint-imports (layer rules)"
 	@echo "make mlflow-ui  open the MLflow UI on the project's SQLite store"
 
 setup: $(STAMP) dataset
@@ -54,11 +54,11 @@ dataset:
 
 run: setup
 	$(BIN)/dvc repro
-	@$(BIN)/dvc metrics show
 	@# Register the exported model (once per distinct model) and promote it if it qualifies,
 	@# so that `bentoml serve` serves it right away.
 	$(BIN)/python -m imageclf.registry register
 	$(BIN)/python -m imageclf.registry promote || true
+	@$(BIN)/python -m imageclf.summary
 
 repro: run
 
@@ -75,6 +75,7 @@ test-fast: setup
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

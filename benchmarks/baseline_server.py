@@ -19,13 +19,13 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
-from imageclf.config import ServingParams
+from imageclf.config import load_params
 from imageclf.serving import InputError, OnnxClassifier, decode_image
 
 
 def make_app(model_path: Path, threads: int = 0) -> FastAPI:
     model = OnnxClassifier(model_path, threads)
-    limits = ServingParams()
+    limits = load_params().serving  # the service's own limits and top_k, from params.yaml
     app = FastAPI()
 
     @app.post("/classify")
@@ -35,7 +35,7 @@ def make_app(model_path: Path, threads: int = 0) -> FastAPI:
         except InputError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         probs = model.probabilities(array[None])
-        return {"predictions": model.top_k(probs, 3)[0]}
+        return {"predictions": model.top_k(probs, limits.top_k)[0]}
 
     @app.post("/noop")
     async def noop(image: UploadFile = File(...)) -> dict:  # noqa: B008

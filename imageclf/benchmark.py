@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from imageclf.export import INPUT_NAME, load_torchscript, ort_session
+from imageclf.metric_names import PYTORCH_EAGER, TORCH_COMPILE, TORCHSCRIPT
 from imageclf.optimize import time_call
 from imageclf.transforms import to_model_input
 
@@ -64,7 +65,7 @@ def benchmark_backends(
             with torch.inference_mode():
                 return model(x)
 
-        backends["pytorch_eager"] = eager
+        backends[PYTORCH_EAGER] = eager
         compile_seconds: float | None = None
         if scripted is not None:
 
@@ -72,7 +73,7 @@ def benchmark_backends(
                 with torch.inference_mode():
                     return m(x)
 
-            backends["torchscript"] = torchscript
+            backends[TORCHSCRIPT] = torchscript
         if compiled is not None:
 
             def torch_compile(x: torch.Tensor = x, m: Any = compiled) -> Any:
@@ -82,7 +83,7 @@ def benchmark_backends(
             started = time.perf_counter()
             torch_compile()  # compiles for this shape
             compile_seconds = time.perf_counter() - started
-            backends["torch_compile"] = torch_compile
+            backends[TORCH_COMPILE] = torch_compile
         feed = {INPUT_NAME: x.numpy()}
         for name, session in sessions.items():
             backends[name] = lambda s=session, f=feed: s.run(None, f)
@@ -94,7 +95,7 @@ def benchmark_backends(
                     "batch_size": batch,
                     **stats,
                     "threads": threads or torch.get_num_threads(),
-                    **({"compile_seconds": compile_seconds} if name == "torch_compile" else {}),
+                    **({"compile_seconds": compile_seconds} if name == TORCH_COMPILE else {}),
                 }
             )
     return rows

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from imageclf.io import write_with
+from imageclf.io import archive_bytes, write_bytes
 from imageclf.models import build_model, fold_batchnorm
 from imageclf.paths import ProjectPaths
+from imageclf.stage import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,16 @@ class ModelSpec:
 def save_checkpoint(
     path: Path, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None
 ) -> Path:
+    """Write the checkpoint atomically; the same weights, spec and ``extra`` give the same bytes.
+
+    ``extra`` is part of the file (and of its DVC hash): keep it to facts about the model (the
+    epoch), never run ids, timings or paths, which belong in reports and MLflow."""
     state = {
         "spec": {**asdict(spec), "classes": list(spec.classes)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
-    return write_with(path, lambda tmp: torch.save(state, tmp))
+    return write_bytes(path, archive_bytes(lambda f: torch.save(state, f)))
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
@@ -96,7 +101,9 @@ def load_pretrained_features(model: nn.Module, path: Path) -> int:
     input channels is an error that says which, not a silent partial load."""
     source, spec, _ = load_checkpoint(path)
     if spec.bn_folded:
-        raise ValueError(f"{path} has batch norm folded (an optimize output): use models/model.pt.")
+        raise InvalidInput(
+            f"{path} has batch norm folded (an optimize output): use models/model.pt."
+        )
     ours, theirs = model[-1], source[-1]  # nn.Sequential(Normalize, body): the bodies
     target_keys = [k for k in ours.state_dict() if not k.startswith(f"{len(ours) - 1}.")]
     source_state = theirs.state_dict()
@@ -108,7 +115,7 @@ def load_pretrained_features(model: nn.Module, path: Path) -> int:
     ]
     if missing or wrong:
         problems = ([f"missing {missing[:3]}"] if missing else []) + wrong[:3]
-        raise ValueError(
+        raise InvalidInput(
             f"{path} ({spec.name}, width {spec.width}, {spec.in_channels} channel(s)) does not "
             f"fit this model: {'; '.join(problems)}. Use the same train.model, train.width and "
             "image channels as the checkpoint."

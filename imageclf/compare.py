@@ -13,6 +13,7 @@ import pandas as pd
 
 from imageclf.config import load_params
 from imageclf.io import write_text
+from imageclf.metric_names import ONNXRUNTIME_FP32, SERVED_LATENCY_METRIC, bench_metric
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri
 
@@ -24,17 +25,18 @@ PARAM_COLUMNS = [
     "train.batch_size",
     "data.fraction",
 ]
+ORT_THROUGHPUT_METRIC = bench_metric(ONNXRUNTIME_FP32, 64, "images_per_second")
 METRIC_COLUMNS = [
     "test_accuracy",
     "macro_f1",
     "val_accuracy",
     "train_seconds",
-    "bench.onnxruntime_fp32.batch_1.p50_ms",
-    "bench.onnxruntime_fp32.batch_64.images_per_second",
+    SERVED_LATENCY_METRIC,
+    ORT_THROUGHPUT_METRIC,
 ]
 SHORT = {
-    "bench.onnxruntime_fp32.batch_1.p50_ms": "ort_p50_ms_b1",
-    "bench.onnxruntime_fp32.batch_64.images_per_second": "ort_img_s_b64",
+    SERVED_LATENCY_METRIC: "ort_p50_ms_b1",
+    ORT_THROUGHPUT_METRIC: "ort_img_s_b64",
 }
 
 
@@ -94,9 +96,11 @@ def main(argv: list[str] | None = None) -> None:
             "run `make run` or the training flow first."
         )
         return
-    out = args.out or paths.reports
-    write_text(out / "compare.md", to_markdown(table))
-    write_text(out / "compare.csv", table.to_csv(index=False))
+    markdown, csv = paths.compare_markdown, paths.compare_csv
+    if args.out:  # the same file names in another folder
+        markdown, csv = args.out / markdown.name, args.out / csv.name
+    write_text(markdown, to_markdown(table))
+    write_text(csv, table.to_csv(index=False))
     from rich.console import Console
     from rich.table import Table
 
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             style="bold green" if row.best else None,
         )
     Console(width=200).print(view)
-    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}")
+    print(f"written: {markdown}, {csv}")
 
 
 if __name__ == "__main__":

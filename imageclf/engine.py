@@ -25,6 +25,7 @@ from imageclf.config import TrainParams
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import Split
 from imageclf.models import FlipTTA, split_head
+from imageclf.stage import StageError
 from imageclf.transforms import random_augment, to_model_input
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ def set_threads(threads: int) -> None:
     """0 keeps torch's default (one per core); anything else pins intra-op threads."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+class TrainingDiverged(StageError, FloatingPointError):
+    """The loss stopped being finite: a learning rate or data problem the user must fix."""
 
 
 @dataclass
@@ -158,14 +163,18 @@ def train_model(
             features.eval()  # batch-norm statistics stay the pretrained ones too
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
+        # The bar counts steps; it is never handed the loader: tqdm.auto calls iter() on its
+        # iterable when built and again when iterated, and with persistent workers each iter()
+        # starts an epoch (a permutation drawn from the sampler's generator, batches prefetched),
+        # so the data order, hence the weights, would depend on train loader settings.
         bar = tqdm(
-            train_loader,
+            total=steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
             disable=None if progress else True,
             leave=False,
             mininterval=2.0,
         )
-        for images, labels in bar:
+        for images, labels in train_loader:
             if step >= total_steps:
                 break
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -181,7 +190,7 @@ def train_model(
                 logits = replica(images)
                 loss = criterion(logits, labels)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"Loss became {loss.item()} at epoch {epoch}, step {step}: lower train.lr "
                     "or check the data."
                 )
@@ -200,7 +209,11 @@ def train_model(
             loss_sum += loss.item() * batch
             correct += (logits.argmax(1) == labels).sum().item()
             seen += batch
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False
+            )
+            bar.update()
+        bar.close()
         seconds = time.perf_counter() - t0
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
         val_loss = val_acc = None

@@ -8,8 +8,11 @@ why ONNX is what the service runs.
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imageclf.io import write_with
+from imageclf.io import archive_bytes, write_bytes, write_with
 from imageclf.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
 from imageclf.transforms import to_model_array, to_model_input
 
@@ -57,17 +60,39 @@ def export_onnx(
                 verbose=False,
             )
         program.save(str(tmp), external_data=False)
-        if metadata:
-            import onnx
+        import onnx
 
-            proto = onnx.load(str(tmp))
-            for key, value in metadata.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, value
-            onnx.save(proto, str(tmp))
+        proto = onnx.load(str(tmp))
+        drop_stack_traces(proto.graph.node)
+        for function in proto.functions:
+            drop_stack_traces(function.node)
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
 
     write_with(path, write, suffix=".onnx")
     return path
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def drop_stack_traces(nodes: Iterable[Any]) -> None:
+    """Remove the exporter's per-node Python stack traces (subgraphs included), in place.
+
+    They hold absolute paths into the checkout and the virtualenv, so the same model exported
+    from two checkouts got two hashes (and two registry versions, which dedupe by SHA-256). The
+    other node metadata (module hierarchy, FX node) has no paths and stays."""
+    for node in nodes:
+        kept = [prop for prop in node.metadata_props if prop.key != STACK_TRACE]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        for attribute in node.attribute:  # If/Loop/Scan bodies
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for graph in [*subgraphs, *attribute.graphs]:
+                drop_stack_traces(graph.node)
 
 
 def ort_logits(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -110,16 +135,57 @@ def export_torchscript(model: nn.Module, path: Path, input_shape: tuple[int, int
     data-dependent control flow; the verification below runs a different batch size to be sure
     the batch dimension did not get baked in."""
     model = model.eval().cpu()
-
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecated in 2.14, still supported
-            traced = torch.jit.trace(model, torch.rand(4, *input_shape))
-            frozen = torch.jit.freeze(traced)
-            torch.jit.save(frozen, str(tmp))
-
-    write_with(path, write, suffix=".pt")
+    with warnings.catch_warnings(), fresh_script_types():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in 2.14, still supported
+        traced = torch.jit.trace(model, torch.rand(4, *input_shape))
+        frozen = torch.jit.freeze(traced)
+        archive = archive_bytes(lambda f: torch.jit.save(frozen, f))
+    write_bytes(path, without_debug_records(archive))
     return path
+
+
+@contextmanager
+def fresh_script_types() -> Iterator[None]:
+    """Trace into an empty TorchScript type registry, so a model always gets the same names.
+
+    TorchScript calls a class ``___torch_mangle_<n>`` when the process already holds one of that
+    name, ``n`` counting every module traced before: the same model exported after other traces
+    (a flow running stages in one process, a test) got other code file names, hence other bytes.
+    The registry is what ``torch.jit._state._python_cu`` names (looked up there by torch's C++
+    side); without that attribute (another torch), export as before."""
+    import torch.jit._state as jit_state
+
+    saved = getattr(jit_state, "_python_cu", None)
+    if saved is None:
+        yield
+        return
+    jit_state._python_cu = torch._C.CompilationUnit()
+    try:
+        yield
+    finally:
+        jit_state._python_cu = saved
+
+
+def without_debug_records(archive: bytes) -> bytes:
+    """A TorchScript archive without its ``*.debug_pkl`` records.
+
+    Those map every op to the Python line it was traced from, as absolute paths into the
+    checkout and the virtualenv: the same model exported from two checkouts (a test's copy, a
+    DVC experiment's workspace) got two hashes. Only error messages use them. torch's own zip
+    reader and writer keep the format (aligned records); the writer adds the version, byte order
+    and serialization id records itself."""
+    reader = torch._C.PyTorchFileReader(io.BytesIO(archive))
+    buffer = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(buffer)
+    writer.set_min_version(int(bytes(reader.get_record("version")).strip()))
+    written_by_writer = {"version", ".data/version", "byteorder", ".data/serialization_id"}
+    for name in reader.get_all_records():
+        if name.endswith(".debug_pkl") or name in written_by_writer:
+            continue
+        record = reader.get_record(name)
+        writer.write_record(name, record, len(record))
+    writer.write_end_of_file()
+    return buffer.getvalue()
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:

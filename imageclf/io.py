@@ -6,6 +6,7 @@ failed stage leaves the previous good output untouched.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 @contextmanager
@@ -46,6 +47,17 @@ def write_text(dest: Path | str, text: str) -> Path:
 def write_json(dest: Path | str, obj: Any) -> Path:
     """Write ``obj`` as pretty JSON (NaN is refused: JSON readers such as DVC's choke on it)."""
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def archive_bytes(save: Callable[[BinaryIO], None]) -> bytes:
+    """The bytes ``save`` (``torch.save``, ``torch.jit.save``) writes to an in-memory buffer.
+
+    Given a path, torch names the zip's top folder after the file, and atomic writes use a
+    random temporary name, so the same model saved twice got two hashes; a buffer always gets
+    the folder ``archive`` (torch fixes the entries' timestamps itself)."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return buffer.getvalue()
 
 
 def write_with(dest: Path | str, writer: Callable[[Path], None], suffix: str = "") -> Path:

@@ -19,10 +19,12 @@ from imageclf.config import DataloaderCheckParams
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import Split
 from imageclf.engine import seed_everything
+from imageclf.stage import StageError
 
 
-class OverfitFailed(RuntimeError):
-    """The model could not memorise a single batch: something upstream is broken."""
+class OverfitFailed(StageError):
+    """The model could not memorise a single batch: something upstream is broken (a failed
+    check, so a stage reports it in one sentence)."""
 
 
 def overfit_one_batch(

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from imageclf.stage import InvalidInput
+
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
 
@@ -46,7 +48,7 @@ def build_model(
     """Build a registered model with its input normalization baked in (``image_size``: the
     side of the square input, which position-aware models such as ``vit_tiny`` need)."""
     if name not in _REGISTRY:
-        raise ValueError(
+        raise InvalidInput(
             f"Unknown model {name!r}; choose one of {available_models()} (params.yaml train.model)."
         )
     body = _REGISTRY[name](
@@ -96,7 +98,13 @@ class ResidualBlock(nn.Module):
 def simple_cnn(
     num_classes: int, in_channels: int, width: int = 32, image_size: int = 28
 ) -> nn.Module:
-    """The classic two-conv baseline (PyTorch's MNIST example shape): a reference point."""
+    """The classic two-conv baseline (PyTorch's MNIST example shape): a reference point.
+
+    The classifier's input size comes from ``image_size`` (two 2x2 poolings: ``size // 4`` per
+    side), not from ``nn.LazyLinear``: a lazy layer has no weights until a first forward pass, so
+    ``.to(memory_format=...)``, the optimizer, ``count_parameters`` and ``load_state_dict`` on a
+    fresh model all fail or see nothing, and every caller would need a dry run first."""
+    side = image_size // 4
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1),
         nn.ReLU(inplace=True),
@@ -106,7 +114,7 @@ def simple_cnn(
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Dropout(0.25),
-        nn.LazyLinear(128),
+        nn.Linear(2 * width * side * side, 128),
         nn.ReLU(inplace=True),
         nn.Dropout(0.5),
         nn.Linear(128, num_classes),
@@ -148,8 +156,15 @@ def vit_tiny(
     from imageclf.layers import PatchEmbedding, TokenPool, TransformerBlock
 
     if image_size % patch:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        raise InvalidInput(
+            f"vit_tiny needs an image size that is a multiple of its patch size {patch}, got "
+            f"{image_size} (data.image_size)."
+        )
     dim = 2 * width
+    if dim % 4:
+        raise InvalidInput(
+            f"vit_tiny needs an even train.width (4 heads of 2 * width), got {width}."
+        )
     tokens = (image_size // patch) ** 2
     return nn.Sequential(
         PatchEmbedding(in_channels, dim, patch, tokens),

@@ -28,34 +28,69 @@ def project_root(start: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class ProjectPaths:
-    """Every path a stage reads or writes, relative to one root."""
+    """Every path a stage, service or report reads or writes, relative to one root.
+
+    Each output is named here once; modules use these properties, never literal file names,
+    and ``tests/test_paths.py`` checks them against the outs, metrics and plots of dvc.yaml.
+    """
 
     root: Path
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from params.yaml: ``~`` expanded, relative ones under the project root."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else self.root / path
 
     @property
     def params(self) -> Path:
         return self.root / "params.yaml"
 
+    # ------------------------------------------------------------------ data (download stage)
     @property
     def raw(self) -> Path:
         return self.root / "data" / "raw"
+
+    @property
+    def fashion_mnist_raw(self) -> Path:
+        """The verified Fashion-MNIST IDX files."""
+        return self.raw / "fashion-mnist"
+
+    @property
+    def imagefolder_source(self) -> Path:
+        """Where an ImageFolder dataset was read from, and its classes (provenance)."""
+        return self.raw / "imagefolder.json"
 
     @property
     def dataset(self) -> Path:
         """The canonical dataset every later stage reads (see ``imageclf.data.store``)."""
         return self.root / "data" / "dataset"
 
+    # ------------------------------------------------------------------------------ folders
     @property
     def reports(self) -> Path:
         return self.root / "reports"
 
     @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 
+    # ------------------------------------------------------------------------------- models
     @property
     def checkpoint(self) -> Path:
         return self.models / "model.pt"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Per-epoch state of a training run (resumable after a crash)."""
+        return self.models / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
 
     @property
     def onnx(self) -> Path:
@@ -74,8 +109,113 @@ class ProjectPaths:
         return self.models / "model.torchscript.pt"
 
     @property
+    def reference(self) -> Path:
+        """The training-data summaries monitoring compares production with."""
+        return self.models / "reference.npz"
+
+    # ------------------------------------------------------------- reports, one per stage
+    @property
+    def download_report(self) -> Path:
+        return self.reports / "download.json"
+
+    @property
+    def validate_report(self) -> Path:
+        return self.reports / "validate.json"
+
+    @property
+    def validation_docs(self) -> Path:
+        """Great Expectations' context and Data Docs of the last passing validation."""
+        return self.reports / "validation"
+
+    @property
+    def validation_failed(self) -> Path:
+        """A failed validation's report and Data Docs (not a DVC output: the stage fails)."""
+        return self.reports / "validation-failed"
+
+    @property
     def loader_config(self) -> Path:
+        """The dataloader_check report, whose chosen loader setting train and profile use."""
         return self.reports / "dataloader_check.json"
+
+    @property
+    def train_report(self) -> Path:
+        """Final training metrics and the MLflow run id later stages log to."""
+        return self.reports / "train.json"
+
+    @property
+    def train_history(self) -> Path:
+        return self.reports / "train_history.json"
+
+    @property
+    def evaluate_report(self) -> Path:
+        return self.reports / "evaluate.json"
+
+    @property
+    def confusion_matrix_plot(self) -> Path:
+        return self.plots / "confusion_matrix.png"
+
+    @property
+    def profile_report(self) -> Path:
+        return self.reports / "profile.json"
+
+    @property
+    def profile_dir(self) -> Path:
+        return self.reports / "profile"
+
+    @property
+    def profile_trace(self) -> Path:
+        """Chrome trace of the profiled training steps."""
+        return self.profile_dir / "trace.json"
+
+    @property
+    def profile_top_ops(self) -> Path:
+        return self.profile_dir / "top_ops.md"
+
+    @property
+    def optimize_report(self) -> Path:
+        return self.reports / "optimize.json"
+
+    @property
+    def export_report(self) -> Path:
+        return self.reports / "export.json"
+
+    @property
+    def benchmark_report(self) -> Path:
+        return self.reports / "benchmark.json"
+
+    @property
+    def benchmark_plot(self) -> Path:
+        return self.plots / "benchmark.png"
+
+    @property
+    def reference_report(self) -> Path:
+        return self.reports / "reference.json"
+
+    # -------------------------------------------------- outside the pipeline (CLIs, flows)
+    @property
+    def run_origin(self) -> Path:
+        """Which orchestrator run made a DVC experiment (written by the training flow)."""
+        return self.reports / "run_origin.json"
+
+    @property
+    def monitoring_reports(self) -> Path:
+        return self.reports / "monitoring"
+
+    @property
+    def monitoring_report_html(self) -> Path:
+        return self.monitoring_reports / "report.html"
+
+    @property
+    def monitoring_verdict(self) -> Path:
+        return self.monitoring_reports / "verdict.json"
+
+    @property
+    def compare_markdown(self) -> Path:
+        return self.reports / "compare.md"
+
+    @property
+    def compare_csv(self) -> Path:
+        return self.reports / "compare.csv"
 
     @property
     def mlflow_db(self) -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imageclf.config import ServingParams
+from imageclf.metric_names import SERVED_LATENCY_METRIC
 from imageclf.transforms import prepare_image, to_model_array
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def resolve_model(tracking_uri: str, name: str, alias: str, dest: Path | None = 
         metrics = {
             k: v
             for k, v in run.data.metrics.items()
-            if k in ("test_accuracy", "macro_f1", "bench.onnxruntime_fp32.batch_1.p50_ms")
+            if k in ("test_accuracy", "macro_f1", SERVED_LATENCY_METRIC)
         }
     return ModelRef(onnx_files[0], name, str(version.version), alias, version.run_id, metrics)
 

@@ -62,6 +62,13 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment a stage runs in, when it runs in one (DVC sets ``DVC_EXP_NAME`` and
+    ``DVC_EXP_BASELINE_REV`` for `dvc exp run`; the Prefect flow's workspace sets them too)."""
+    names = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
 def params_hash(params: Any) -> str:
     """Stable short hash of the full parameter set (pydantic model or plain dict)."""
     data = params.model_dump(by_alias=True) if hasattr(params, "model_dump") else params

@@ -25,6 +25,8 @@ os.environ.setdefault(
 )  # offline: it otherwise times out calling home
 
 SUITE_NAME = "image_metadata"
+# Where GX's file context puts the Data Docs' start page, inside the folder given to it.
+DATA_DOCS_INDEX = Path("gx", "uncommitted", "data_docs", "local_site", "index.html")
 
 
 def metadata_table(dataset: Dataset) -> pd.DataFrame:
@@ -154,7 +156,7 @@ def validate_dataset(dataset: Dataset, cfg: ValidateParams, gx_dir: Path) -> Val
             evaluated += 1
             if not item.success:
                 failures.append(_describe(item))
-    docs = gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    docs = gx_dir / DATA_DOCS_INDEX
     summary = {
         "success": bool(result.success),
         "expectations": evaluated,

@@ -16,12 +16,15 @@ however many features are tested.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
 from monitoring.features import PIXEL_FEATURES, pixel_features
+
+if TYPE_CHECKING:
+    from imageclf.config import MonitoringParams
 
 __all__ = ["PIXEL_FEATURES", "Thresholds", "Verdict", "detect", "pixel_features", "psi"]
 
@@ -79,14 +82,16 @@ def class_shift(reference_counts: np.ndarray, current_counts: np.ndarray) -> tup
 
 @dataclass
 class Thresholds:
-    """From params.yaml ``monitoring``: the false-alarm budget and the effect sizes that matter."""
+    """From params.yaml ``monitoring``: the false-alarm budget and the effect sizes that matter.
 
-    alpha: float = 0.01
-    max_confidence_drop: float = 0.05
-    min_window: int = 100
+    No defaults: the values come from params.yaml only (:meth:`from_params`)."""
+
+    alpha: float
+    max_confidence_drop: float
+    min_window: int
 
     @classmethod
-    def from_params(cls, params: Any) -> Thresholds:
+    def from_params(cls, params: MonitoringParams) -> Thresholds:
         return cls(params.alpha, params.max_confidence_drop, params.min_window)
 
 

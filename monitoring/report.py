@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ from monitoring.drift import PIXEL_FEATURES, Thresholds, Verdict, detect
 from monitoring.prediction_log import PredictionLog
 from monitoring.reference import load_reference
 
+log = logging.getLogger(__name__)
+
 
 def log_path(paths: ProjectPaths, params: Params) -> Path:
-    path = Path(params.monitoring.log_path)
-    return path if path.is_absolute() else paths.root / path
+    """The service's prediction log (monitoring.log_path; relative paths are under the root)."""
+    return paths.resolve(params.monitoring.log_path)
 
 
 def _png(fig: Any) -> str:
@@ -93,11 +96,50 @@ def render_html(verdict: Verdict, images: list[str], classes: list[str] | None =
     )
 
 
-def run_monitoring(
-    paths: ProjectPaths, params: Params, last: int = 500, out_dir: Path | None = None
-) -> dict[str, Any]:
-    """Verdict on the last ``last`` logged predictions; writes report.html and verdict.json."""
-    reference = load_reference(paths.models / "reference.npz")
+def only_version(window: dict[str, Any], version: str) -> dict[str, Any]:
+    """The rows of ``window`` that ``version`` served (a window can span a promotion)."""
+    keep = np.array([v == version for v in window["model_version"]], dtype=bool)
+    return {
+        key: (
+            value[keep]
+            if isinstance(value, np.ndarray)
+            else [x for x, k in zip(value, keep, strict=True) if k]
+        )
+        for key, value in window.items()
+    }
+
+
+def served_reference(
+    paths: ProjectPaths, params: Params, version: str
+) -> tuple[dict[str, np.ndarray], str]:
+    """The monitoring reference registered with ``version`` (the model whose predictions are
+    being judged, whichever was promoted or rolled back to), and where it came from.
+
+    Only a version the registry holds no reference for (registered before references were, or
+    not from the registry at all) falls back to the workspace's ``models/reference.npz``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from imageclf.registry import download_reference
+    from imageclf.tracking import tracking_uri
+
+    dest = paths.monitoring_reports / "references" / f"v{version}"
+    try:
+        registered = download_reference(
+            tracking_uri(paths), params.registry.model_name, version, dest
+        )
+    except MlflowException as exc:  # no such model or version in this store
+        log.warning("no registered reference for v%s (%s): using the workspace's", version, exc)
+        registered = None
+    if registered is not None:
+        return load_reference(registered), f"registry: {params.registry.model_name} v{version}"
+    return load_reference(paths.reference), f"workspace: {paths.reference}"
+
+
+def run_monitoring(paths: ProjectPaths, params: Params, last: int = 500) -> dict[str, Any]:
+    """Verdict on the last ``last`` logged predictions of the model version being served
+    (the newest row's), against that version's own reference; writes the HTML report and the
+    verdict (``paths.monitoring_report_html``, ``paths.monitoring_verdict``)."""
     source = log_path(paths, params)
     if not source.exists():
         raise FileNotFoundError(
@@ -105,16 +147,25 @@ def run_monitoring(
             "has served requests (monitoring.log_predictions)."
         )
     window = PredictionLog(source).read_window(last=last)
+    versions = sorted(set(window["model_version"]))
+    if window["model_version"]:
+        served = window["model_version"][-1]
+        window = only_version(window, served)
+        reference, reference_source = served_reference(paths, params, served)
+    else:
+        served, reference = None, load_reference(paths.reference)
+        reference_source = f"workspace: {paths.reference}"
     verdict = detect(reference, window, Thresholds.from_params(params.monitoring))
-    out_dir = out_dir or paths.reports / "monitoring"
     images = _plots(reference, window) if len(window["predicted"]) else []
-    write_text(out_dir / "report.html", render_html(verdict, images))
+    write_text(paths.monitoring_report_html, render_html(verdict, images))
     result = {
         **verdict.as_dict(),
-        "report": str(out_dir / "report.html"),
-        "model_versions": sorted(set(window["model_version"])),
+        "report": str(paths.monitoring_report_html),
+        "model_version": served,
+        "model_versions": versions,
+        "reference": reference_source,
     }
-    write_json(out_dir / "verdict.json", result)
+    write_json(paths.monitoring_verdict, result)
     return result
 
 

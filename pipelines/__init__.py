@@ -1,7 +1,8 @@
-"""Prefect flows: they only wire stage functions together (the logic lives in imageclf/stages).
+"""Prefect flows and their deployments: they wire, the logic lives elsewhere.
 
-Importing this package sends the library's log records (the stages' progress) to Prefect, so each
-task's log in the UI shows its stage's output.
+The training flow runs dvc.yaml's stages through DVC (dvc_experiment.py), so a flow run is a DVC
+experiment; the monitoring flow calls monitoring/. Importing this package sends the library's
+log records to Prefect, so each task's log in the UI shows what its code printed.
 """
 
 import os

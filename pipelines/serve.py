@@ -25,8 +25,10 @@ def training_deployment(limit_concurrency: bool = True):  # type: ignore[no-unty
     params = load_params(get_paths().params)
     return training_flow.to_deployment(
         name=DEPLOYMENT,
-        description="Train, evaluate, export and benchmark a model; register it; promote it "
-        "to champion when it is at least as good as the current one.",
+        description="Run dvc.yaml's pipeline as a DVC experiment with these parameters (DVC "
+        "skips unchanged stages), register the model, and promote it to champion when it is "
+        "comparable with the current one and at least as good. set_params: more overrides "
+        "as KEY=VALUE, like `dvc exp run -S`.",
         parameters={
             "model": params.train.model,
             "epochs": params.train.epochs,
@@ -34,11 +36,12 @@ def training_deployment(limit_concurrency: bool = True):  # type: ignore[no-unty
             "batch_size": params.train.batch_size,
             "width": params.train.width,
             "fraction": params.data.fraction,
+            "set_params": [],
             "promote": True,
         },
         tags=["imageclf", "training"],
-        # Two trainings at once on one machine would only slow each other down and race on
-        # the workspace outputs: one at a time.
+        # Each run has a workspace of its own and promotions are serialized, but two trainings
+        # at once on one machine would only slow each other down: one at a time.
         concurrency_limit=1 if limit_concurrency else None,
     )
 

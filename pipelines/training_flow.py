@@ -1,12 +1,14 @@
-"""The training flow: the pipeline's stages as Prefect tasks, then registry and promotion.
+"""The training flow: the pipeline of dvc.yaml as a DVC experiment, one Prefect task per stage.
 
-Run it locally without a server (Prefect's ephemeral mode)::
+    python -m pipelines.training_flow --lr 0.1 --set train.optimizer=adamw
 
-    python -m pipelines.training_flow --epochs 3 --lr 0.1
+A run is what ``dvc exp run --set-param ...`` is, in a workspace of its own (see
+:mod:`pipelines.dvc_experiment`): the user's checkout is not touched, DVC skips the stages
+whose deps and params did not change, and the result is a DVC experiment named after the flow
+run (``dvc exp show`` lists it with its Prefect flow-run id). Then the model is registered in
+MLflow as challenger and promoted when it is comparable with the champion and as good.
 
-or serve it as a deployment and start runs from the Prefect UI (see README). Parameters left
-empty keep their params.yaml value; the overrides apply to this run only (the committed
-params.yaml is not edited) and are recorded in MLflow with the run.
+The stage list is dvc.yaml's: this file names no stage.
 """
 
 from __future__ import annotations
@@ -14,85 +16,119 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from imageclf.config import Params, apply_overrides, load_params
-from imageclf.paths import ProjectPaths, get_paths
-from stages import (
-    benchmark,
-    dataloader_check,
-    download,
-    evaluate,
-    export,
-    optimize,
-    profile,
-    train,
-    validate,
+from imageclf.config import load_params
+from imageclf.io import read_json
+from imageclf.paths import get_paths
+from imageclf.tracking import tracking_uri
+from pipelines.dvc_experiment import (
+    StageOutcome,
+    Workspace,
+    create_workspace,
+    experiment_name,
+    pipeline_stages,
+    remove_workspace,
+    repro_stage,
+    save_experiment,
+    stage_env,
+    write_params,
 )
 
-# (stage module, retries): only fetching data can be helped by trying again.
-STAGES: list[tuple[str, Any, int]] = [
-    ("download", download, 2),
-    ("validate", validate, 0),
-    ("dataloader_check", dataloader_check, 0),
-    ("train", train, 0),
-    ("evaluate", evaluate, 0),
-    ("profile", profile, 0),
-    ("optimize", optimize, 0),
-    ("export", export, 0),
-    ("benchmark", benchmark, 0),
-]
+
+def parse_set_params(items: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=0.1", "train.augment=false"]`` -> typed values (YAML scalars, as DVC's -S)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"set_params entry {item!r} is not KEY=VALUE (e.g. train.lr=0.1).")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
 
 
-def _stage_task(name: str, module: Any, retries: int) -> Callable[..., dict[str, Any]]:
-    """A Prefect task that calls ``stages.<name>.run``: the same code DVC runs."""
+@task(name="prepare-workspace", cache_policy=NO_CACHE)
+def prepare(overrides: dict[str, Any]) -> Workspace:
+    """Clone the project into the experiment's own workspace and apply the overrides there."""
+    logger = get_run_logger()
+    project = get_paths().root
+    label = f"prefect-{runtime.flow_run.name or 'run'}"
+    workspace = create_workspace(project, experiment_name(label))
+    try:
+        applied = write_params(workspace, overrides)
+    except Exception:
+        remove_workspace(workspace)  # nothing ran: nothing to inspect
+        raise
+    logger.info(
+        "experiment %s in %s (baseline %s); overrides: %s",
+        workspace.name,
+        workspace.root,
+        workspace.baseline[:8],
+        applied or "none",
+    )
+    return workspace
 
-    @task(name=name, retries=retries, retry_delay_seconds=5, cache_policy=NO_CACHE)
-    def run_stage(params: Params, paths: ProjectPaths) -> dict[str, Any]:
-        logger = get_run_logger()
-        logger.info("stage %s: starting", name)
-        result = module.run(params, paths)
-        summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
-        logger.info("stage %s: done %s", name, json.dumps(summary, default=str)[:1500])
-        return result
 
-    return run_stage
+@task(cache_policy=NO_CACHE)
+def dvc_stage(workspace: Workspace, stage: str, tracking: str) -> StageOutcome:
+    """One stage of dvc.yaml, run (or skipped) by DVC; its output is this task's log."""
+    logger = get_run_logger()
+    outcome = repro_stage(workspace, stage, stage_env(workspace, tracking), on_line=logger.info)
+    logger.info(
+        "stage %s: %s in %.1fs", stage, "ran" if outcome.ran else "skipped", outcome.seconds
+    )
+    return outcome
 
 
-STAGE_TASKS = {name: _stage_task(name, module, retries) for name, module, retries in STAGES}
+@task(name="save-experiment", cache_policy=NO_CACHE)
+def save(workspace: Workspace) -> str:
+    origin = {
+        "source": "prefect",
+        "prefect_flow_run_id": str(runtime.flow_run.id or "none"),
+        "prefect_flow_run_name": str(runtime.flow_run.name or "none"),
+    }
+    commit = save_experiment(
+        workspace, origin, f"Prefect flow run {origin['prefect_flow_run_name']}"
+    )
+    get_run_logger().info("saved DVC experiment %s (%s)", workspace.name, commit[:8])
+    return commit
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(params: Params, paths: ProjectPaths, run_id: str) -> str:
-    """Log the verified ONNX model to the training run and register it as challenger."""
+def register(workspace: Workspace, commit: str, tracking: str) -> dict[str, str]:
+    """Register the workspace's verified ONNX model (and its monitoring reference) as challenger,
+    tagged with the DVC experiment and the Prefect run that made it."""
     from imageclf.registry import register_workspace
 
-    version = register_workspace(
-        paths,
-        params,
-        run_id,
-        extra_tags={
-            "source": "prefect",
-            "prefect_flow_run_id": str(runtime.flow_run.id or "none"),
-            "prefect_flow_run_name": str(runtime.flow_run.name or "none"),
-        },
-    )
+    paths = get_paths(workspace.root)
+    params = load_params(paths.params)
+    run_id = read_json(paths.train_report)["mlflow_run_id"]
+    tags = {
+        "source": "prefect",
+        "dvc_exp_name": workspace.name,
+        "dvc_exp_commit": commit,
+        "dvc_exp_baseline": workspace.baseline,
+        "prefect_flow_run_id": str(runtime.flow_run.id or "none"),
+        "prefect_flow_run_name": str(runtime.flow_run.name or "none"),
+    }
+    version = register_workspace(paths, params, run_id, extra_tags=tags, tracking=tracking)
     get_run_logger().info("registered %s v%s as challenger", params.registry.model_name, version)
-    return version
+    return {"version": version, "run_id": run_id}
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(params: Params, paths: ProjectPaths, version: str) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def promote_task(workspace: Workspace, version: str, tracking: str) -> dict[str, Any]:
     from imageclf.registry import promote
 
-    decision = promote(paths, params.registry, version)
+    params = load_params(get_paths(workspace.root).params)
+    decision = promote(params.registry, version, tracking=tracking)
     get_run_logger().info(
         "v%s %s: %s",
         version,
@@ -110,12 +146,15 @@ def training_flow(
     batch_size: int | None = None,
     fraction: float | None = None,
     width: int | None = None,
+    set_params: list[str] | None = None,
     promote: bool = True,
 ) -> dict[str, Any]:
-    """Run every stage with these overrides of params.yaml, register the model, maybe promote it."""
+    """Run dvc.yaml's pipeline as a DVC experiment with these overrides of params.yaml (empty:
+    keep the file's value; ``set_params``: more as KEY=VALUE), register the model, maybe
+    promote it."""
     logger = get_run_logger()
-    paths = get_paths()
-    overrides = {
+    # The named parameters are the form fields the UI shows; anything else goes in set_params.
+    named = {
         "train.model": model,
         "train.epochs": epochs,
         "train.lr": lr,
@@ -123,34 +162,53 @@ def training_flow(
         "train.width": width,
         "data.fraction": fraction,
     }
-    params = apply_overrides(load_params(paths.params), overrides)
-    applied = {k: v for k, v in overrides.items() if v is not None}
-    logger.info(
-        "project %s; overrides of params.yaml for this run: %s", paths.root, applied or "none"
-    )
-    results: dict[str, Any] = {}
-    for name, _, _ in STAGES:
-        results[name] = STAGE_TASKS[name](params, paths)
-    run_id = results["train"]["mlflow_run_id"]
-    version = register_task(params, paths, run_id)
-    decision = promote_task(params, paths, version) if promote else None
-    accuracy = results["evaluate"]["test_accuracy"]
+    overrides = {
+        **{k: v for k, v in named.items() if v is not None},
+        **parse_set_params(set_params),
+    }
+    tracking = tracking_uri(get_paths())
+    workspace = prepare(overrides)
+    outcomes: list[StageOutcome] = []
+    try:
+        for spec in pipeline_stages(workspace.root):
+            stage_task = dvc_stage.with_options(
+                name=spec.name, retries=spec.retries, retry_delay_seconds=5
+            )
+            outcomes.append(stage_task(workspace, spec.name, tracking))
+    except Exception:
+        logger.error("the experiment's workspace is kept for inspection: %s", workspace.root)
+        raise
+    commit = save(workspace)
+    registered = register(workspace, commit, tracking)
+    decision = promote_task(workspace, registered["version"], tracking) if promote else None
+    accuracy = read_json(get_paths(workspace.root).evaluate_report)["test_accuracy"]
+    remove_workspace(workspace)
+    ran = [o.stage for o in outcomes if o.ran]
+    skipped = [o.stage for o in outcomes if not o.ran]
+    logger.info("stages run: %s; skipped by DVC: %s", ran, skipped or "none")
     create_markdown_artifact(
         key="training-summary",
         markdown=(
-            f"# Training run\n\n| | |\n|---|---|\n| overrides | `{applied or 'none'}` |\n"
-            f"| test accuracy | {accuracy:.4f} |\n| MLflow run | `{run_id}` |\n"
-            f"| registered version | {version} |\n"
+            f"# Training run\n\n| | |\n|---|---|\n| overrides | `{overrides or 'none'}` |\n"
+            f"| DVC experiment | `{workspace.name}` ({commit[:8]}) |\n"
+            f"| stages run | {', '.join(ran) or 'none'} |\n"
+            f"| stages skipped (unchanged) | {', '.join(skipped) or 'none'} |\n"
+            f"| test accuracy | {accuracy:.4f} |\n| MLflow run | `{registered['run_id']}` |\n"
+            f"| registered version | {registered['version']} |\n"
             f"| promotion | {decision['reason'] if decision else 'skipped'} |\n"
         ),
         description="What this run trained and whether it became champion",
     )
     return {
-        "run_id": run_id,
-        "version": version,
+        "experiment": workspace.name,
+        "experiment_commit": commit,
+        "run_id": registered["run_id"],
+        "version": registered["version"],
         "test_accuracy": accuracy,
         "promoted": bool(decision and decision["promoted"]),
-        "overrides": applied,
+        "overrides": overrides,
+        "stages_run": ran,
+        "stages_skipped": skipped,
     }
 
 
@@ -164,6 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--fraction", type=float)
     parser.add_argument("--width", type=int)
+    parser.add_argument(
+        "--set",
+        "-S",
+        dest="set_params",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other params.yaml override, as `dvc exp run -S` (repeatable)",
+    )
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args(argv)
     logging.getLogger("imageclf").setLevel(logging.INFO)
@@ -174,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         fraction=args.fraction,
         width=args.width,
+        set_params=args.set_params,
         promote=not args.no_promote,
     )
     print(json.dumps(result, indent=2))

@@ -150,8 +150,7 @@ class ImageClassifier:
             log.warning("not ready: %s", exc)
         self.prediction_log: BackgroundWriter | None = None
         if PARAMS.monitoring.log_predictions and self.model is not None:
-            path = Path(PARAMS.monitoring.log_path)
-            path = path if path.is_absolute() else get_paths().root / path
+            path = get_paths().resolve(PARAMS.monitoring.log_path)
             self.prediction_log = BackgroundWriter(
                 PredictionLog(path, PARAMS.monitoring.log_max_rows)
             )

@@ -10,6 +10,13 @@ from imageclf.checkpoint import load_serving_model
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.io import read_json, write_json
+from imageclf.metric_names import (
+    BENCH_PREFIX,
+    BENCH_STATS,
+    ONNXRUNTIME_FP32,
+    ONNXRUNTIME_INT8,
+    bench_key,
+)
 from imageclf.metrics import plot_bars
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
@@ -21,9 +28,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     cfg = params.benchmark
     dataset = load_dataset(paths.dataset)
     model, _, _ = load_serving_model(paths, params.evaluate.tta_flip)
-    onnx_paths = {"onnxruntime_fp32": paths.onnx}
+    onnx_paths = {ONNXRUNTIME_FP32: paths.onnx}
     if paths.onnx_int8.is_file():
-        onnx_paths["onnxruntime_int8"] = paths.onnx_int8
+        onnx_paths[ONNXRUNTIME_INT8] = paths.onnx_int8
     rows = benchmark_backends(
         model,
         onnx_paths,
@@ -37,12 +44,11 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {}
     for row in rows:
-        key = f"{row['backend']}.batch_{row['batch_size']}"
-        for metric in ("p50_ms", "p99_ms", "images_per_second", "compile_seconds"):
-            if metric in row:
-                summary[f"{key}.{metric}"] = row[metric]
+        for stat in BENCH_STATS:
+            if stat in row:
+                summary[bench_key(row["backend"], row["batch_size"], stat)] = row[stat]
     report = {"threads": rows[0]["threads"], "rows": rows, **summary}
-    write_json(paths.reports / "benchmark.json", report)
+    write_json(paths.benchmark_report, report)
     labels = [f"batch {b}" for b in cfg.batch_sizes]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     chart = plot_bars(
@@ -58,20 +64,13 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             ]
             for b in backends
         },
-        paths.reports / "plots" / "benchmark.png",
+        paths.benchmark_plot,
         f"Inference throughput ({report['threads']} threads)",
         "images / second",
         log=True,
     )
-    train_info = (
-        read_json(paths.reports / "train.json") if (paths.reports / "train.json").is_file() else {}
-    )
-    log_to_run(
-        paths,
-        train_info.get("mlflow_run_id"),
-        {f"bench.{k}": v for k, v in summary.items()},
-        [chart],
-    )
+    train_info = read_json(paths.train_report) if paths.train_report.is_file() else {}
+    log_to_run(paths, train_info.get("mlflow_run_id"), summary, [chart], prefix=BENCH_PREFIX)
     return report
 
 

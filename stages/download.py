@@ -31,7 +31,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Get the dataset named in params.data and write data/dataset (train/test npz + meta)."""
     cfg = params.data
     if cfg.name == "fashion_mnist":
-        raw = paths.raw / "fashion-mnist"
+        raw = paths.fashion_mnist_raw
         try:
             provenance = fashion_mnist.fetch(raw, cfg.sources, timeout=cfg.download_timeout_s)
         except fashion_mnist.DownloadError as exc:
@@ -48,17 +48,13 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                 "data.name is imagefolder but data.imagefolder_root is not set: point "
                 "it at a folder with train/<class>/ and test/<class>/ images."
             )
-        from pathlib import Path
-
-        root = Path(cfg.imagefolder_root).expanduser()
-        if not root.is_absolute():
-            root = paths.root / root
+        root = paths.resolve(cfg.imagefolder_root)
         train, classes = read_imagefolder(root / "train", cfg.image_size, cfg.channels)
         test, test_classes = read_imagefolder(root / "test", cfg.image_size, cfg.channels)
         if classes != test_classes:
             raise StageError(f"train and test class folders differ: {classes} vs {test_classes}.")
         source = {"imagefolder_root": str(root)}
-        write_json(paths.raw / "imagefolder.json", {**source, "classes": classes})
+        write_json(paths.imagefolder_source, {**source, "classes": classes})
     train = train.subset(stratified_fraction(train.labels, cfg.fraction, params.seed))
     test = test.subset(stratified_fraction(test.labels, cfg.fraction, params.seed))
     meta = write_dataset(
@@ -69,7 +65,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     )
     report = {k: meta[k] for k in ("name", "num_train", "num_test", "train_hash", "test_hash")}
     report["num_classes"] = len(classes)
-    write_json(paths.reports / "download.json", report)
+    write_json(paths.download_report, report)
     return report
 
 

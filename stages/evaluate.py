@@ -33,13 +33,11 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     plot_path = plot_confusion_matrix(
         cm,
         dataset.classes,
-        paths.reports / "plots" / "confusion_matrix.png",
+        paths.confusion_matrix_plot,
         f"{spec.name}: test accuracy {report['test_accuracy']:.4f}",
     )
-    write_json(paths.reports / "evaluate.json", report)
-    train_info = (
-        read_json(paths.reports / "train.json") if (paths.reports / "train.json").is_file() else {}
-    )
+    write_json(paths.evaluate_report, report)
+    train_info = read_json(paths.train_report) if paths.train_report.is_file() else {}
     flat = {"test_accuracy": report["test_accuracy"], "macro_f1": report["macro_f1"]}
     flat.update({f"f1.{name}": v["f1"] for name, v in report["per_class"].items()})
     log_to_run(paths, train_info.get("mlflow_run_id"), flat, [plot_path])

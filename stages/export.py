@@ -93,7 +93,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         "classes": list(spec.classes),
         "torchscript": scripted,
     }
-    write_json(paths.reports / "export.json", report)
+    write_json(paths.export_report, report)
     return report
 
 

@@ -71,7 +71,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         "int8_speedup": float(quant["speedup"]),
         "int8_accuracy_drop": float(np.round(drop, 6)),
     }
-    write_json(paths.reports / "optimize.json", report)
+    write_json(paths.optimize_report, report)
     return report
 
 

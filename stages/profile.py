@@ -20,18 +20,17 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     set_threads(params.train.threads)
     dataset = load_dataset(paths.dataset)
     model, _, _ = load_checkpoint(paths.checkpoint)
-    out_dir = paths.reports / "profile"
     result = profile_training(
         model,
         dataset.train,
         params.profile,
         params.train,
         load_loader_settings(paths.loader_config),
-        out_dir / "trace.json",
+        paths.profile_trace,
         params.seed,
     )
-    write_text(out_dir / "top_ops.md", top_ops_markdown(result["top_ops"]))
-    write_json(paths.reports / "profile.json", result)
+    write_text(paths.profile_top_ops, top_ops_markdown(result["top_ops"]))
+    write_json(paths.profile_report, result)
     return result
 
 

@@ -20,7 +20,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     dataset = load_dataset(paths.dataset)
     model = OnnxClassifier(paths.onnx)
     reference = build_reference(model, dataset.train, params.monitoring.reference_size, params.seed)
-    save_reference(reference, paths.models / "reference.npz")
+    save_reference(reference, paths.reference)
     counts = np.bincount(reference["predicted"], minlength=len(model.classes))
     summary = {
         "images": len(reference["predicted"]),
@@ -31,7 +31,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             c: round(float(n / counts.sum()), 4) for c, n in zip(model.classes, counts, strict=True)
         },
     }
-    write_json(paths.reports / "reference.json", summary)
+    write_json(paths.reference_report, summary)
     return summary
 
 

@@ -7,6 +7,7 @@ processes (see imageclf.distributed); rank 0 does all the logging and writing.
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from imageclf.engine import EpochMetrics, seed_everything, set_threads, train_mo
 from imageclf.io import write_json
 from imageclf.models import count_parameters
 from imageclf.paths import ProjectPaths
-from imageclf.stage import StageError, main
-from imageclf.tracking import flatten, git_commit, params_hash, setup_mlflow
+from imageclf.stage import InvalidInput, StageError, main
+from imageclf.tracking import experiment_tags, flatten, git_commit, params_hash, setup_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     seed_everything(params.seed)  # the initial weights too, not only the data order
     model = spec.build()
     if cfg.init_from:
-        source = Path(cfg.init_from)
-        source = source if source.is_absolute() else paths.root / source
+        source = paths.resolve(cfg.init_from)
         if not source.is_file():
             raise StageError(
                 f"train.init_from: no file at {source}. Point it at a checkpoint this project "
@@ -74,9 +74,10 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             )
         try:
             copied = load_pretrained_features(model, source)
-        except ValueError as exc:  # the wrong architecture, width or channels: says which
+        except InvalidInput as exc:  # the wrong architecture, width or channels: says which
             raise StageError(f"train.init_from: {exc}") from exc
-        except Exception as exc:  # not a checkpoint at all (torch.load cannot read it)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
+            # not a checkpoint at all: what torch.load raises for a file it cannot read
             raise StageError(
                 f"train.init_from: {source} is not a checkpoint this project wrote ({exc})."
             ) from exc
@@ -102,6 +103,8 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                 "data_test_hash": dataset.meta["test_hash"],
                 "params_hash": params_hash(params),
                 "stage": "train",
+                # Set by `dvc exp run` and by the Prefect flow's experiment workspace.
+                **experiment_tags(),
             }
         )
         mlflow.log_params(
@@ -121,7 +124,7 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             # models/model.pt is replaced only when training completes; a crash leaves the last
             # good model in place and the latest epoch in models/checkpoints/last.pt.
             save_checkpoint(
-                paths.models / "checkpoints" / "last.pt",
+                paths.last_checkpoint,
                 model_,
                 spec,
                 extra={"epoch": metrics.epoch},
@@ -154,8 +157,8 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             "world_size": distributed.world_size(),
         }
         mlflow.log_metrics({"train_seconds": history.seconds, "parameters": result["parameters"]})
-    write_json(paths.reports / "train_history.json", history_rows)
-    write_json(paths.reports / "train.json", result)
+    write_json(paths.train_history, history_rows)
+    write_json(paths.train_report, result)
     return result
 
 

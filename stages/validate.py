@@ -12,22 +12,21 @@ from imageclf.data.store import load_dataset
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
-from imageclf.validation import validate_dataset
+from imageclf.validation import DATA_DOCS_INDEX, validate_dataset
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Validate data/dataset; on failure keep the last good report and say what failed."""
     dataset = load_dataset(paths.dataset)
-    docs_dir = paths.reports / "validation"
+    docs_dir, failed_dir = paths.validation_docs, paths.validation_failed
     paths.reports.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".validation.", dir=paths.reports))
     try:
         outcome = validate_dataset(dataset, params.validate_, work)
         if not outcome.success:
-            failed_dir = paths.reports / "validation-failed"
             shutil.rmtree(failed_dir, ignore_errors=True)
             shutil.move(work, failed_dir)
-            write_json(failed_dir / "validate.json", outcome.summary)
+            write_json(failed_dir / paths.validate_report.name, outcome.summary)
             listing = "\n  - ".join(outcome.failures)
             raise StageError(
                 f"the dataset failed {len(outcome.failures)} of {outcome.summary['expectations']} "
@@ -36,18 +35,14 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             )
         shutil.rmtree(docs_dir, ignore_errors=True)
         shutil.move(work, docs_dir)
-        shutil.rmtree(paths.reports / "validation-failed", ignore_errors=True)
+        shutil.rmtree(failed_dir, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {
         **outcome.summary,
-        "data_docs": str(
-            (
-                docs_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
-            ).relative_to(paths.root)
-        ),
+        "data_docs": str((docs_dir / DATA_DOCS_INDEX).relative_to(paths.root)),
     }
-    write_json(paths.reports / "validate.json", summary)
+    write_json(paths.validate_report, summary)
     return summary
 
 

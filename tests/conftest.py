@@ -19,6 +19,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def synthetic_split(
@@ -108,3 +109,31 @@ def write_imagefolder(
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img[..., 0]).save(folder / f"{i}.png")
     return root
+
+
+def repo_copy(dest: Path, params: Params | None = None) -> Path:
+    """A Git repository at ``dest`` holding this project's files (tracked and new, not ignored;
+    no dvc.lock or outputs), with ``params`` as its params.yaml, committed once: what a user's
+    fresh clone is, for tests of the pipeline, DVC experiments and the flows."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        src = REPO / name
+        if name == "dvc.lock" or not src.is_file() or name.startswith(("reports/", "models/")):
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    if params is not None:
+        write_params(dest, params)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fresh clone"], cwd=dest, check=True)
+    return dest

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from imageclf.config import load_params
 from imageclf.data import fashion_mnist as fm
 from monitoring.drift import Thresholds, detect, pixel_features, psi
-from tests.conftest import FASHION_MNIST_DIR
+from tests.conftest import FASHION_MNIST_DIR, REPO
 
 pytestmark = pytest.mark.skipif(
     not FASHION_MNIST_DIR.is_dir(), reason="needs dataset-fashion-mnist"
 )
 RNG = np.random.default_rng(0)
 PROJECTION = RNG.normal(size=(784, 16)).astype(np.float32) / 28  # stand-in embedding
+THRESHOLDS = Thresholds.from_params(load_params(REPO / "params.yaml").monitoring)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def test_held_out_windows_rarely_alarm(data):
     alarms = 0
     for w in range(20):
         idx = np.random.default_rng(w).choice(len(test), 300, replace=False)
-        alarms += detect(reference, summarize(test[idx], labels[idx]), Thresholds(), seed=w).drift
+        alarms += detect(reference, summarize(test[idx], labels[idx]), THRESHOLDS, seed=w).drift
     assert alarms <= 1  # at most 5% of windows
 
 
@@ -58,7 +62,7 @@ def test_held_out_windows_rarely_alarm(data):
 def test_shifted_windows_alarm(data, shift):
     train, train_labels, test, labels = data
     reference = summarize(train, train_labels)
-    verdict = detect(reference, summarize(shift(test[:300]), labels[:300]), Thresholds())
+    verdict = detect(reference, summarize(shift(test[:300]), labels[:300]), THRESHOLDS)
     assert verdict.drift and verdict.reasons
 
 
@@ -66,7 +70,7 @@ def test_prediction_and_confidence_drift(data):
     train, train_labels, test, _ = data
     reference = summarize(train, train_labels)
     window = summarize(test[:300], np.zeros(300, dtype=np.int64), confidence=0.6)
-    verdict = detect(reference, window, Thresholds())
+    verdict = detect(reference, window, THRESHOLDS)
     assert verdict.tests["predictions.class_shift"]["drift"]
     assert verdict.tests["confidence"]["drift"]
 
@@ -76,7 +80,7 @@ def test_small_window_gives_no_verdict(data):
     verdict = detect(
         summarize(train, train_labels),
         summarize(test[:10], labels[:10]),
-        Thresholds(min_window=100),
+        replace(THRESHOLDS, min_window=100),
     )
     assert not verdict.drift and "below" in verdict.reasons[0]
 
@@ -112,5 +116,5 @@ def test_verdict_through_the_real_log_format(data, tmp_path):
             ]
         )
         window = log.read_window()
-        verdict = detect(reference, window, Thresholds())
+        verdict = detect(reference, window, THRESHOLDS)
         assert verdict.drift == (name == "inverted"), verdict.reasons

@@ -1,11 +1,17 @@
-"""The training flow against a real Prefect API, including a run started through its deployment.
+"""The training flow against a real Prefect API and real DVC: each run is a DVC experiment in its
+own workspace, started in-process and through its deployment (what the UI's Run button does).
 
-One Prefect test server (``prefect_test_harness``) is shared by the module: it takes ~25 s to start.
+One Prefect test server (``prefect_test_harness``) and one project (a fresh Git clone of this
+repository with tiny parameters) are shared by the module; the tests build on each other's runs
+in file order, as a user's successive runs do.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,9 +21,22 @@ import pytest
 
 from imageclf.local_servers import output, start, stop
 from imageclf.paths import ProjectPaths
-from tests.conftest import REPO, tiny_params, write_imagefolder, write_params
+from tests.conftest import REPO, repo_copy, tiny_params, write_imagefolder
 
 pytestmark = pytest.mark.slow
+MODEL = "flow-test-model"
+ALL_STAGES = [
+    "download",
+    "validate",
+    "dataloader_check",
+    "train",
+    "evaluate",
+    "profile",
+    "optimize",
+    "export",
+    "benchmark",
+    "reference",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +48,46 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
-def make_project(root: Path, **params_overrides: dict) -> ProjectPaths:
-    write_imagefolder(root / "images", **params_overrides.pop("_folder", {}))
+@pytest.fixture(scope="module")
+def flow_repo(tmp_path_factory: pytest.TempPathFactory) -> ProjectPaths:
+    """A user's fresh clone: a Git repo with the project's code and tiny params, never run."""
+    base = tmp_path_factory.mktemp("flow")
+    images = write_imagefolder(base / "images")
     params = tiny_params(
-        data={"name": "imagefolder", "imagefolder_root": str(root / "images"), "image_size": 12},
-        registry={"model_name": "flow-test-model", "max_latency_ms": 1000.0},
-        **params_overrides,
+        data={"name": "imagefolder", "imagefolder_root": str(images), "image_size": 12},
+        registry={"model_name": MODEL, "max_latency_ms": 1000.0},
+        monitoring={"reference_size": 100},
     )
-    write_params(root, params)
-    return ProjectPaths(root)
+    return ProjectPaths(repo_copy(base / "repo", params))
 
 
 @pytest.fixture
-def flow_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectPaths:
-    monkeypatch.setenv("IMAGECLF_ROOT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return make_project(tmp_path)
+def in_repo(flow_repo: ProjectPaths, monkeypatch: pytest.MonkeyPatch) -> ProjectPaths:
+    monkeypatch.setenv("IMAGECLF_ROOT", str(flow_repo.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{flow_repo.root / 'mlflow.db'}")
+    return flow_repo
+
+
+def git_status(root: Path) -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def exp_show(root: Path) -> list[dict[str, str]]:
+    """`dvc exp show --csv` in the user's checkout, one dict per row."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "exp", "show", "--csv"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return list(csv.DictReader(io.StringIO(proc.stdout)))
 
 
 def flow_logs(flow_run_id, wait_for: str = "") -> str:
@@ -56,7 +99,7 @@ def flow_logs(flow_run_id, wait_for: str = "") -> str:
     for _ in range(60):
         with get_client(sync_client=True) as client:
             logs = client.read_logs(
-                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=1000
             )
         text = "\n".join(log.message for log in logs)
         if wait_for in text and text:
@@ -65,47 +108,79 @@ def flow_logs(flow_run_id, wait_for: str = "") -> str:
     return text
 
 
-def test_flow_runs_every_stage_registers_and_promotes(prefect_api, flow_project):
+def task_run_names(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [r.name for r in runs]
+
+
+def test_flow_run_is_a_dvc_experiment_and_leaves_the_checkout_alone(prefect_api, in_repo):
     from pipelines.training_flow import training_flow
 
+    before = git_status(in_repo.root)
+    params_before = in_repo.params.read_text()
     state = training_flow(epochs=2, lr=0.05, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["promoted"] and result["overrides"] == {"train.epochs": 2, "train.lr": 0.05}
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert result["stages_run"] == ALL_STAGES and result["promoted"]
+    assert result["overrides"] == {"train.epochs": 2, "train.lr": 0.05}
+
+    # The user's checkout: same files, same params, no outputs; the workspace is gone.
+    assert in_repo.params.read_text() == params_before
+    assert git_status(in_repo.root) == before
+    assert not in_repo.onnx.exists() and not in_repo.dataset.exists()
+    assert not list((in_repo.root / ".dvc" / "tmp" / "flows").glob("*"))
+
+    # `dvc exp show` lists the run, with its params and its Prefect flow-run id.
+    row = next(r for r in exp_show(in_repo.root) if r["Experiment"] == result["experiment"])
+    assert row["prefect_flow_run_id"] == flow_run_id
+    assert row["train.epochs"] == "2" and row["train.lr"] == "0.05"
+    accuracy = next(v for k, v in row.items() if k.split(":")[-1] == "test_accuracy" and v)
+    assert float(accuracy) == pytest.approx(result["test_accuracy"]), row
+
+    # One Prefect task per dvc.yaml stage, each with DVC's own log lines.
+    names = task_run_names(state.state_details.flow_run_id)
+    assert all(any(n.startswith(stage) for n in names) for stage in ALL_STAGES)
+    logs = flow_logs(state.state_details.flow_run_id, wait_for="stage reference: ran")
+    assert "Running stage 'train'" in logs and "stage download: ran" in logs
+
+    # MLflow: the training run and the registered version say which experiment made them.
     client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     run = client.get_run(result["run_id"])
     assert run.data.params["train.epochs"] == "2" and run.data.params["train.lr"] == "0.05"
-    assert run.data.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
-    assert "test_accuracy" in run.data.metrics
-    assert str(client.get_model_version_by_alias("flow-test-model", "champion").version) == "1"
-    logs = flow_logs(state.state_details.flow_run_id, wait_for="stage benchmark: done")
-    for stage in ("download", "validate", "train", "export", "benchmark"):
-        assert f"stage {stage}: done" in logs
-    assert "overrides of params.yaml for this run" in logs
+    assert run.data.tags["dvc_exp_name"] == result["experiment"]
+    assert run.data.tags["dvc_exp_commit"] == result["experiment_commit"]
+    assert run.data.tags["prefect_flow_run_id"] == flow_run_id
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(version.version) == result["version"] == "1"
+    assert version.tags["monitoring_reference"].endswith("reference.npz")
+    assert version.tags["dvc_exp_commit"] == result["experiment_commit"]
 
 
-def test_failing_stage_fails_the_flow_with_its_message_and_leaves_registry(
-    prefect_api, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("IMAGECLF_ROOT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    make_project(tmp_path, _folder={"counts": {0: 5}})  # class c0 badly under-represented
-    from pipelines.training_flow import training_flow
-
-    state = training_flow(epochs=1, return_state=True)
-    assert state.is_failed()
-    logs = flow_logs(state.state_details.flow_run_id, wait_for="class_share")
-    assert "failed" in logs and "class_share" in logs
-    registry = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    assert registry.search_registered_models() == []
-
-
-def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_project):
-    """Serve the deployment in its own process and start a run the way the UI's Run button does."""
+def test_ui_run_with_only_lr_changed_skips_the_data_stages(prefect_api, in_repo):
+    """The user keeps the first run (`dvc exp apply`, as after `make run` the workspace holds
+    a pipeline's results), then starts a run from the UI with another lr: DVC reruns training
+    and what follows, and reuses download, validate and dataloader_check."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    first = next(r["Experiment"] for r in exp_show(in_repo.root) if r["Experiment"])
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "exp", "apply", first],
+        cwd=in_repo.root,
+        check=True,
+        capture_output=True,
+    )
+    assert in_repo.onnx.is_file()  # the experiment's outputs, from the shared cache
+
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-    server = start([sys.executable, "-m", "pipelines.serve"], env, cwd=REPO)
+    server = start([sys.executable, "-m", "pipelines.serve"], env, cwd=in_repo.root)
     try:
         deadline = time.monotonic() + 120
         flow_run = None
@@ -113,7 +188,7 @@ def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_pr
             try:
                 flow_run = run_deployment(
                     "imageclf-training/train",
-                    parameters={"epochs": 3, "promote": False},
+                    parameters={"epochs": 2, "lr": 0.08, "promote": False},
                     timeout=0,
                 )
                 break
@@ -121,25 +196,56 @@ def test_deployment_run_like_the_ui_with_parameter_override(prefect_api, flow_pr
                 assert server.poll() is None, output(server)
                 time.sleep(2)
         assert flow_run is not None, "deployment never appeared"
-        from prefect.client.orchestration import get_client
-
         with get_client(sync_client=True) as client:
-            while time.monotonic() < deadline + 240:
+            while time.monotonic() < deadline + 400:
                 flow_run = client.read_flow_run(flow_run.id)
                 if flow_run.state and flow_run.state.is_final():
                     break
                 time.sleep(2)
-        assert flow_run.state.is_completed(), flow_logs(flow_run.id)[-3000:]
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-        runs = mlflow.search_runs(experiment_names=["imageclf"])
-        mine = runs[runs["tags.prefect_flow_run_id"] == str(flow_run.id)]
-        assert len(mine) == 1 and mine.iloc[0]["params.train.epochs"] == "3"
-        assert mine.iloc[0]["params.train.model"] == "resnet_small"
+        logs = flow_logs(flow_run.id, wait_for="skipped by DVC")
+        assert flow_run.state.is_completed(), logs[-3000:]
     finally:
         stop(server)
+    for stage in ("download", "validate", "dataloader_check"):
+        assert f"stage {stage}: skipped" in logs
+    for stage in ("train", "evaluate", "export", "reference"):
+        assert f"stage {stage}: ran" in logs
+    rows = [r for r in exp_show(in_repo.root) if r["prefect_flow_run_id"] == str(flow_run.id)]
+    assert len(rows) == 1 and rows[0]["train.lr"] == "0.08"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["imageclf"])
+    mine = runs[runs["tags.prefect_flow_run_id"] == str(flow_run.id)]
+    assert len(mine) == 1 and mine.iloc[0]["params.train.lr"] == "0.08"
+    assert mine.iloc[0]["tags.dvc_exp_name"] == rows[0]["Experiment"]
 
 
-def test_monitoring_flow_records_a_drift_artifact(prefect_api, tmp_path, monkeypatch):
+def test_bad_override_fails_before_anything_runs(prefect_api, in_repo):
+    from pipelines.training_flow import training_flow
+
+    state = training_flow(set_params=["train.lrr=0.1"], return_state=True)
+    assert state.is_failed()
+    logs = flow_logs(state.state_details.flow_run_id, wait_for="train.lrr")
+    assert "Unknown parameter 'train.lrr'" in logs
+    assert "Running stage" not in logs
+
+
+def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(prefect_api, in_repo):
+    from pipelines.training_flow import training_flow
+
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    versions = len(client.search_model_versions(f"name = '{MODEL}'"))
+    state = training_flow(set_params=["validate.min_images_per_class=1000"], return_state=True)
+    assert state.is_failed()
+    logs = flow_logs(state.state_details.flow_run_id, wait_for="min_images_per_class")
+    assert "stage validate failed" in logs and "workspace is kept" in logs
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions
+    # validation never retries (download would, twice: dvc.yaml's meta.retries)
+    assert logs.count("Running stage 'validate'") == 1
+    kept = list((in_repo.root / ".dvc" / "tmp" / "flows").glob("*"))
+    assert len(kept) == 1 and ProjectPaths(kept[0]).validation_failed.is_dir()
+
+
+def test_monitoring_flow_records_a_drift_artifact_and_retrains(prefect_api, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -147,16 +253,17 @@ def test_monitoring_flow_records_a_drift_artifact(prefect_api, tmp_path, monkeyp
     from pipelines.monitoring_flow import monitoring_flow
     from tests.monitoring_helpers import monitoring_project, serve_window
 
-    monkeypatch.setenv("IMAGECLF_ROOT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    paths, params = monitoring_project(tmp_path, monkeypatch)
+    root = repo_copy(tmp_path / "repo")
+    monkeypatch.setenv("IMAGECLF_ROOT", str(root))
+    paths, params = monitoring_project(root, monkeypatch)
     serve_window(paths, params, 255 - load_dataset(paths.dataset).test.images[:300])
     state = monitoring_flow(last=300, retrain_on_drift=True, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["drift"] and result["reasons"]
-    # retrain_on_drift started the training flow, which trained and registered a new model
+    # retrain_on_drift ran the training flow: a new DVC experiment, trained and registered
     assert result["training"]["version"] == "1" and result["training"]["run_id"]
+    assert any(r["Experiment"] == result["training"]["experiment"] for r in exp_show(root))
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drift-report"]))

@@ -13,7 +13,9 @@ from starlette.requests import ClientDisconnect
 from services.limits import BodySizeLimit, RequestTimeout, install_request_timeout
 
 
-async def call(app: Any, body: bytes = b"x", headers: list | None = None) -> list[dict]:
+async def call(
+    app: Any, body: bytes = b"x", headers: list | None = None, path: str = "/"
+) -> list[dict]:
     """One HTTP request through ``app``; returns what it sent."""
     sent: list[dict] = []
     chunks = [{"type": "http.request", "body": body, "more_body": False}]
@@ -24,7 +26,14 @@ async def call(app: Any, body: bytes = b"x", headers: list | None = None) -> lis
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers or []}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers or [],
+    }
     await app(scope, receive, send)
     return sent
 
@@ -83,15 +92,49 @@ def test_timeout_does_not_wait_for_an_app_that_ends_without_answering():
     assert asyncio.run(timed()) < 5  # not the 30 s timer
 
 
-def test_install_request_timeout_replaces_bentomls_middleware():
+def test_install_request_timeout_makes_bentoml_apps_use_ours():
+    """The app BentoML assembles (its app factory's middleware stack, which the service's
+    factory extends) times out with our middleware: our 504 message, no timer left armed."""
+    from bentoml._internal.server.base_app import BaseAppFactory
     from bentoml._internal.server.http import traffic
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import BaseRoute, Route
+
+    async def slow_endpoint(request: Any) -> PlainTextResponse:
+        await asyncio.sleep(5)
+        return PlainTextResponse("late")
+
+    async def fast_endpoint(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    class Factory(BaseAppFactory):
+        name = "middleware-test"
+
+        @property
+        def routes(self) -> list[BaseRoute]:
+            return [
+                Route("/slow", slow_endpoint, methods=["POST"]),
+                Route("/fast", fast_endpoint, methods=["POST"]),
+            ]
+
+    async def requests(app: Any) -> tuple[list[dict], list[dict], int]:
+        slow = await call(app, path="/slow")
+        fast = await call(app, path="/fast")
+        loop = asyncio.get_running_loop()
+        armed = sum(not h.cancelled() for h in loop._scheduled)  # type: ignore[attr-defined]
+        return slow, fast, armed
 
     original = traffic.TimeoutMiddleware
     try:
         install_request_timeout()
-        assert traffic.TimeoutMiddleware is RequestTimeout
+        app = Factory(timeout=0.05)()  # what BentoML does when it builds a server's app
+        slow, fast, armed = asyncio.run(requests(app))
     finally:
         traffic.TimeoutMiddleware = original  # type: ignore[misc]
+    assert status(slow) == 504
+    assert json.loads(slow[-1]["body"])["error"].endswith("(traffic timeout).")  # ours
+    assert status(fast) == 200 and fast[-1]["body"] == b"ok"
+    assert armed == 0  # BentoML's own would leave the fast request's 0.05 s timer armed
 
 
 def test_body_limit_rejects_by_declared_and_by_streamed_size():

@@ -25,6 +25,7 @@ from imageclf.local_servers import free_port, start, stop
 from imageclf.paths import ProjectPaths
 from imageclf.registry import promote, register_workspace
 from imageclf.serving import OnnxClassifier
+from imageclf.tracking import tracking_uri
 from stages import benchmark, download, evaluate, export, train
 from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params, write_params
 
@@ -63,7 +64,7 @@ def champion_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proje
     for stage in (download, train, evaluate, export, benchmark):
         stage.run(params, paths)
     register_workspace(paths, params)
-    assert promote(paths, params.registry).promoted
+    assert promote(params.registry, tracking=tracking_uri(paths)).promoted
     yield paths
     for key, value in old.items():
         if value is None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imageclf.config import ServingParams
+from imageclf.config import load_params
 from imageclf.export import export_onnx
 from imageclf.models import build_model
 from imageclf.serving import (
@@ -21,9 +21,11 @@ from imageclf.serving import (
     classify_files,
     decode_image,
 )
-from tests.conftest import synthetic_split
+from tests.conftest import REPO, synthetic_split
 
-LIMITS = ServingParams(max_request_bytes=50_000, max_image_pixels=1_000_000)
+LIMITS = load_params(REPO / "params.yaml").serving.model_copy(
+    update={"max_request_bytes": 50_000, "max_image_pixels": 1_000_000}
+)
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

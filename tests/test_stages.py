@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +19,7 @@ from imageclf.io import read_json
 from imageclf.stage import StageError
 from imageclf.transforms import to_model_input
 from stages import benchmark, dataloader_check, download, evaluate, export, optimize, profile, train
-from tests.conftest import tiny_params
+from tests.conftest import REPO, tiny_params
 
 
 @pytest.fixture
@@ -138,3 +142,101 @@ def test_imagefolder_dataset_is_supported(project, tmp_path):
 def test_imagefolder_without_root_is_a_clear_error(project):
     with pytest.raises(StageError, match="imagefolder_root"):
         download.run(tiny_params(data={"name": "imagefolder"}), project)
+
+
+# A stage module run as `python -m buggy_stage`, like DVC runs the real ones; FAILURE picks
+# what its run() does. The bugs are plain mistakes, not messages meant for a user.
+FAILING_STAGE = '''
+import os
+from pathlib import Path
+
+from imageclf.stage import StageError, main
+
+
+def run(params, paths):
+    """A stage that fails the way FAILURE says."""
+    failure = os.environ["FAILURE"]
+    if failure == "key_error":
+        return {"accuracy": {}["accuracy"]}
+    if failure == "value_error":
+        return {"epochs": int("twelve")}
+    if failure == "zero_division":
+        return {"share": 1 / len([])}
+    if failure == "runtime_error":  # next() on an empty iterator inside a generator
+        return {"first": list(next(iter([])) for _ in range(1))}
+    if failure == "stage_error":
+        raise StageError("data.fraction leaves no image of class a: raise it.")
+    if failure == "invalid_input":  # the library's own check of an ImageFolder
+        from imageclf.data.store import read_imagefolder
+
+        empty = Path(os.environ["EMPTY_DIR"])
+        empty.mkdir(exist_ok=True)
+        read_imagefolder(empty, 12, 1)
+    if failure == "download_error":
+        from imageclf.data.fashion_mnist import fetch
+
+        fetch(Path(os.environ["EMPTY_DIR"]), [])
+    return {}
+
+
+if __name__ == "__main__":
+    main(run)
+'''
+
+
+def run_failing_stage(tmp_path: Path, failure: str, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "buggy_stage.py").write_text(FAILING_STAGE)
+    env = {
+        **os.environ,  # IMAGECLF_ROOT from the project fixture
+        "FAILURE": failure,
+        "EMPTY_DIR": str(tmp_path / "empty"),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+    }
+    env.pop("IMAGECLF_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "buggy_stage", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "last_line", "code"),
+    [
+        ("key_error", "KeyError: 'accuracy'", '{}["accuracy"]'),
+        ("value_error", "ValueError: invalid literal for int() with base 10: 'twelve'", "int("),
+        ("zero_division", "ZeroDivisionError: division by zero", "1 / len([])"),
+        ("runtime_error", "RuntimeError: generator raised StopIteration", "next(iter([]))"),
+    ],
+)
+def test_stage_cli_shows_the_traceback_of_a_bug(project, tmp_path, failure, last_line, code):
+    """A bug is not turned into one sentence: the traceback says where it is."""
+    result = run_failing_stage(tmp_path, failure)
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert 'buggy_stage.py", line' in result.stderr and code in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == last_line
+    assert "failed:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("failure", "args", "message"),
+    [
+        ("stage_error", (), "data.fraction leaves no image of class a: raise it."),
+        ("invalid_input", (), "has no class folders"),
+        ("download_error", (), "No data sources are configured"),
+        ("none", ("--params", "missing.yaml"), "missing.yaml does not exist"),  # ParamsError
+    ],
+)
+def test_stage_cli_states_an_expected_failure_in_one_line(
+    project, tmp_path, failure, args, message
+):
+    result = run_failing_stage(tmp_path, failure, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    failed = [line for line in result.stderr.splitlines() if "failed:" in line]
+    assert len(failed) == 1 and failed[0].startswith("stage buggy_stage failed: ")
+    assert message in failed[0], result.stderr

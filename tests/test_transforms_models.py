@@ -28,14 +28,26 @@ def test_transparent_background_becomes_black():
 
 
 def test_exif_rotation_is_applied():
-    img = Image.new("L", (40, 20), 0)
+    """A phone stores a portrait photo as landscape pixels plus an EXIF tag saying "rotate 90°
+    clockwise to display". The model must see what the person saw: here a bright block in the
+    top-right quarter. Ignoring the tag would put it in the top-left quarter (and a rotation
+    the wrong way in the bottom-left): only one corner is lit, so every mistake shows."""
+    seen = np.zeros((40, 20), np.uint8)  # what the viewer sees: 20 wide, 40 tall
+    seen[:20, 10:] = 255  # the top-right quarter
+    stored = Image.fromarray(seen).transpose(Image.Transpose.ROTATE_90)  # undo the display turn
+    assert stored.size == (40, 20)  # landscape pixels, as the camera wrote them
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° on display
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise on display
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", exif=exif)
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
     with Image.open(buf) as decoded:
-        assert prepare_image(decoded, 20, 1).shape == (20, 20, 1)
-        assert decoded.size == (40, 20)
+        assert decoded.size == (40, 20)  # the tag is not applied by decoding alone
+        out = prepare_image(decoded, 20, 1)[..., 0].astype(int)
+        assert decoded.size == (40, 20)  # and the caller's image is left as it was
+    # Away from the block's edges (resampling and JPEG blur them): lit only top-right.
+    assert out[1:8, 12:19].min() > 200, out
+    for corner in (out[1:8, 1:8], out[12:19, 1:8], out[12:19, 12:19]):
+        assert corner.max() < 55, out
 
 
 def test_model_input_contract():

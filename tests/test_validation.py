@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imageclf.config import ValidateParams
+from imageclf.config import load_params
 from imageclf.data.store import Dataset, Split, load_dataset, write_dataset
 from imageclf.io import read_json
 from imageclf.stage import StageError
 from imageclf.validation import metadata_table, validate_dataset
 from stages import validate as validate_stage
-from tests.conftest import synthetic_split, tiny_params
+from tests.conftest import REPO, synthetic_split, tiny_params
+
+CFG = load_params(REPO / "params.yaml").validate_
 
 
 def make_dataset(train: Split, test: Split) -> Dataset:
@@ -37,7 +39,7 @@ def test_metadata_table_has_one_row_per_image_and_flags_shared_images():
 
 def test_good_dataset_passes_and_writes_data_docs(tmp_path):
     ds = make_dataset(synthetic_split(10, seed=1), synthetic_split(3, seed=2))
-    outcome = validate_dataset(ds, ValidateParams(), tmp_path)
+    outcome = validate_dataset(ds, CFG, tmp_path)
     assert outcome.success, outcome.failures
     assert outcome.summary["expectations"] >= 10
     assert outcome.data_docs is not None and outcome.data_docs.is_file()
@@ -48,7 +50,7 @@ def test_bad_dataset_fails_with_each_problem_named(tmp_path):
     test.images[0] = train.images[0]  # leak between splits
     train.labels[:6] = 0  # imbalance
     train.labels[-1] = 7  # label outside the class set
-    outcome = validate_dataset(make_dataset(train, test), ValidateParams(), tmp_path)
+    outcome = validate_dataset(make_dataset(train, test), CFG, tmp_path)
     assert not outcome.success
     text = "\n".join(outcome.failures)
     assert "in_both_splits" in text

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from imageclf.io import atomic_dir, read_json, write_json
+from imageclf.stage import InvalidInput
 from imageclf.transforms import prepare_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -70,7 +71,9 @@ def stratified_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nd
     return np.sort(np.concatenate(keep))
 
 
-def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) index arrays; val is empty when ``val_fraction`` is 0."""
     if val_fraction <= 0:
         return np.arange(len(labels)), np.arange(0)
@@ -123,7 +126,7 @@ def read_imagefolder(root: Path, size: int, channels: int) -> tuple[Split, list[
         raise FileNotFoundError(f"ImageFolder split {root} does not exist.")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root} has no class folders: expected {root}/<class>/<image files>.")
+        raise InvalidInput(f"{root} has no class folders: expected {root}/<class>/<image files>.")
     images, labels = [], []
     for label, cls in enumerate(classes):
         for path in sorted((root / cls).rglob("*")):
@@ -133,8 +136,10 @@ def read_imagefolder(root: Path, size: int, channels: int) -> tuple[Split, list[
                 with Image.open(path) as img:
                     images.append(prepare_image(img, size, channels))
             except (OSError, Image.DecompressionBombError) as exc:
-                raise ValueError(f"{path} is not a readable image ({exc}); remove or fix it.") from exc
+                raise InvalidInput(
+                    f"{path} is not a readable image ({exc}); remove or fix it."
+                ) from exc
             labels.append(label)
     if not images:
-        raise ValueError(f"{root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}.")
+        raise InvalidInput(f"{root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}.")
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64)), classes

@@ -84,5 +84,6 @@ format: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 
+# Also the workspaces that failed training-flow runs kept for inspection (.dvc/tmp/flows).
 clean:
-	rm -rf reports/validation-failed .pytest_cache
+	rm -rf reports/validation-failed .pytest_cache .dvc/tmp/flows

@@ -218,12 +218,22 @@ class ProjectPaths:
         return self.reports / "compare.csv"
 
     @property
+    def store_root(self) -> Path:
+        """Where the MLflow store lives: the root, except in a DVC experiment's temporary
+        workspace (``<project>/.dvc/tmp/...``: `dvc exp run --temp/--queue`, the training flow),
+        whose runs belong in its project's store, not in a copy deleted with the workspace."""
+        for parent in self.root.parents:
+            if parent.name == ".dvc" and (parent.parent / "params.yaml").is_file():
+                return parent.parent
+        return self.root
+
+    @property
     def mlflow_db(self) -> Path:
-        return self.root / "mlflow.db"
+        return self.store_root / "mlflow.db"
 
     @property
     def mlflow_artifacts(self) -> Path:
-        return self.root / "mlartifacts"
+        return self.store_root / "mlartifacts"
 
 
 def get_paths(root: Path | None = None) -> ProjectPaths:

@@ -104,19 +104,32 @@ def training_line(paths: ProjectPaths) -> str:
 
 
 def size_line(paths: ProjectPaths) -> str:
-    """The served ONNX file, and the INT8 one when the optimize stage kept it (else why not)."""
-    if not paths.onnx.is_file():
+    """The served ONNX file, and the INT8 one when the optimize stage kept it (else why not).
+
+    Sizes are the files'; in a workspace without them (a clone before `dvc pull`), the sizes
+    the export and optimize reports recorded."""
+    export = read_report(paths.export_report) or {}
+    onnx = file_size(paths.onnx, export.get("file_bytes"))
+    if onnx is None:
         return missing(paths, paths.onnx, "export")
-    text = f"ONNX {size(paths.onnx.stat().st_size)}"
+    text = f"ONNX {onnx}"
     optimize = read_report(paths.optimize_report)
     if optimize is None or "int8_kept" not in optimize:
         return f"{text}; INT8: {missing(paths, paths.optimize_report, 'optimize')}"
-    if optimize["int8_kept"] and paths.onnx_int8.is_file():
+    quant = optimize.get("int8_static") or {}
+    if optimize["int8_kept"]:
         speedup = optimize.get("int8_speedup")
         faster = f", {speedup:.2f}x faster" if isinstance(speedup, (int, float)) else ""
-        return f"{text}, INT8 {size(paths.onnx_int8.stat().st_size)} (kept{faster})"
-    reason = optimize.get("int8_static", {}).get("reason", "rejected")
-    return f"{text}; INT8 not kept ({reason})"
+        int8 = file_size(paths.onnx_int8, quant.get("int8_bytes")) or "(size unknown)"
+        return f"{text}, INT8 {int8} (kept{faster})"
+    return f"{text}; INT8 not kept ({quant.get('reason', 'rejected')})"
+
+
+def file_size(path: Path, recorded: Any) -> str | None:
+    """The size of ``path``, else the ``recorded`` one (marked so), else None."""
+    if path.is_file():
+        return size(path.stat().st_size)
+    return f"{size(int(recorded))} as recorded" if isinstance(recorded, (int, float)) else None
 
 
 def add_latency(summary: Summary, paths: ProjectPaths) -> None:
@@ -191,15 +204,28 @@ def add_locations(summary: Summary, paths: ProjectPaths) -> None:
         summary.locations.append(("profile trace", relative(paths, paths.profile_trace)))
 
 
+def guarded(
+    line: Callable[[ProjectPaths], str], paths: ProjectPaths, report: Path, stage: str
+) -> str:
+    """``line(paths)``, or one sentence when its report has other fields than expected (an
+    older pipeline's, a hand-edited one): the summary ends `make run`, it must not crash it."""
+    try:
+        return line(paths)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return (
+            f"{relative(paths, report)} has unexpected content ({exc!r}): rerun `dvc repro {stage}`"
+        )
+
+
 def gather(
     paths: ProjectPaths, params: Params, status: StatusFn | None = registry_status
 ) -> Summary:
     """Read what the pipeline wrote under ``paths`` (``status=None``: skip the registry)."""
     summary = Summary()
     summary.lines = [
-        ("Test accuracy", accuracy_line(paths)),
-        ("Training", training_line(paths)),
-        ("Model size", size_line(paths)),
+        ("Test accuracy", guarded(accuracy_line, paths, paths.evaluate_report, "evaluate")),
+        ("Training", guarded(training_line, paths, paths.train_report, "train")),
+        ("Model size", guarded(size_line, paths, paths.optimize_report, "optimize")),
         ("Champion", champion_line(paths, params, status)),
     ]
     add_latency(summary, paths)
@@ -210,25 +236,27 @@ def gather(
 def render(summary: Summary, console: Any | None = None) -> None:
     """Print ``summary`` with rich: a few labelled lines and one small latency table."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    def labelled(title: str, rows: list[tuple[str, str]]) -> Table:
+        table = Table(
+            title=title, title_justify="left", title_style="bold", show_header=False, box=None
+        )
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for label, text in rows:
+            table.add_row(label, escape(text))
+        return table
+
     console = console or Console()
-    head = Table(
-        title="imageclf: the last pipeline run",
-        title_justify="left",
-        title_style="bold",
-        show_header=False,
-        box=None,
-    )
-    head.add_column(style="bold")
-    head.add_column(overflow="fold")
-    for label, text in summary.lines:
-        head.add_row(label, text)
-    console.print(head)
+    console.print(labelled("imageclf: the last pipeline run", summary.lines))
 
     if summary.latency:
         table = Table(
-            title=f"p50 latency, ms ({summary.latency_note})" if summary.latency_note else None,
+            title=f"p50 latency, ms ({escape(summary.latency_note)})"
+            if summary.latency_note
+            else None,
             title_justify="left",
             title_style="bold",
         )
@@ -247,24 +275,14 @@ def render(summary: Summary, console: Any | None = None) -> None:
                     continue
                 cell = f"{by_batch[b]:.2f}"
                 cells.append(f"[bold green]{cell}[/]" if by_batch[b] == fastest[b] else cell)
-            table.add_row(backend, *cells)
+            table.add_row(escape(backend), *cells)
         console.print(table)
     else:
-        console.print(f"[bold]Latency[/]  {summary.latency_note}")
+        console.print(f"[bold]Latency[/]  {escape(summary.latency_note)}")
 
-    where = Table(
-        title="Where things are",
-        title_justify="left",
-        title_style="bold",
-        show_header=False,
-        box=None,
+    console.print(
+        labelled("Where things are", [*summary.locations, ("MLflow UI", "make mlflow-ui")])
     )
-    where.add_column(style="bold")
-    where.add_column(overflow="fold")
-    for label, text in summary.locations:
-        where.add_row(label, text)
-    where.add_row("MLflow UI", "make mlflow-ui")
-    console.print(where)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def dvc_stages() -> list[str]:
+    """The pipeline's stages, in dvc.yaml's order: tests read them, never list them again."""
+    return list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
 def synthetic_split(
     n_per_class: int, num_classes: int = 4, size: int = 12, seed: int = 0, channels: int = 1
 ) -> Split:
@@ -125,7 +130,8 @@ def repo_copy(dest: Path, params: Params | None = None) -> Path:
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         src = REPO / name
-        if name == "dvc.lock" or not src.is_file() or name.startswith(("reports/", "models/")):
+        output = name.startswith(("reports/", "models/")) and not name.endswith(".gitignore")
+        if name == "dvc.lock" or output or not src.is_file():
             continue
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)

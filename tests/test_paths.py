@@ -136,3 +136,15 @@ def test_output_file_names_are_spelled_only_in_paths_module() -> None:
     assert not offenders, "output file names spelled outside imageclf/paths.py:\n" + "\n".join(
         offenders
     )
+
+
+def test_a_dvc_experiment_workspace_tracks_into_its_projects_store(tmp_path):
+    """`dvc exp run --temp/--queue` and the training flow run stages in <project>/.dvc/tmp/...:
+    their MLflow runs must land in the project's store, not in one deleted with the workspace."""
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    workspace.mkdir(parents=True)
+    (workspace / "params.yaml").write_text("seed: 1\n")
+    assert ProjectPaths(workspace).mlflow_db == tmp_path / "mlflow.db"
+    assert ProjectPaths(workspace).mlflow_artifacts == tmp_path / "mlartifacts"
+    assert ProjectPaths(tmp_path).mlflow_db == tmp_path / "mlflow.db"

@@ -206,6 +206,7 @@ def test_concurrent_promotions_are_serialized_and_both_kept(registry_project):
 def test_reference_belongs_to_its_version_and_follows_rollback(registry_project, tmp_path):
     """Monitoring reads the reference registered with the served version, after a rollback too."""
     from monitoring.reference import load_reference, save_reference
+    from monitoring.report import only_version, served_reference
 
     paths = registry_project
     refs = []
@@ -223,5 +224,14 @@ def test_reference_belongs_to_its_version_and_follows_rollback(registry_project,
         assert load_reference(got)["confidence"][0] == pytest.approx(expected)
     rollback(CFG, "bad in production", uri(paths))
     champion = status(CFG, uri(paths))["champion"]
-    got = download_reference(uri(paths), CFG.model_name, champion, tmp_path / "after")
-    assert champion == v1 and load_reference(got)["confidence"][0] == pytest.approx(0.1)
+    reference, source = served_reference(paths, PARAMS, champion)
+    assert champion == v1 and reference["confidence"][0] == pytest.approx(0.1)
+    assert source == f"registry: {CFG.model_name} v{v1}"
+    # A window that spans the rollback is judged on the served (newest) version's rows only.
+    window = {
+        "model_version": [v2, v2, v1],
+        "confidence": np.array([0.5, 0.6, 0.7], np.float32),
+        "images": [None, None, None],
+    }
+    kept = only_version(window, v1)
+    assert kept["model_version"] == [v1] and kept["confidence"].tolist() == pytest.approx([0.7])

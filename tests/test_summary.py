@@ -152,3 +152,23 @@ def test_cli_prints_the_summary(paths, monkeypatch, capsys):
     out = " ".join(capsys.readouterr().out.split())  # an 80-column terminal wraps lines
     assert "reports/evaluate.json is not readable: rerun `dvc repro evaluate`" in out
     assert "12 epochs in 5 min 13 s" in out
+
+
+def test_unexpected_content_is_one_line_and_text_is_not_markup(paths, default_params):
+    write_reports(paths, int8_kept=False)
+    write(paths.evaluate_report, {"test_accuracy": "n/a"})
+    reason = "rejected: accuracy drop [0.02] exceeds 0.005"
+    write(paths.optimize_report, {"int8_kept": False, "int8_static": {"reason": reason}})
+    text = printed(paths, default_params, None)
+    assert "reports/evaluate.json has unexpected content" in text
+    assert reason in text  # rich would have swallowed "[0.02]" as a style tag
+
+
+def test_sizes_come_from_the_reports_when_the_models_are_not_checked_out(paths, default_params):
+    write_reports(paths)
+    paths.onnx.unlink()
+    paths.onnx_int8.unlink()
+    write(paths.export_report, {"file_bytes": 534751})
+    write(paths.optimize_report, {"int8_kept": True, "int8_static": {"int8_bytes": 192884}})
+    text = printed(paths, default_params, None)
+    assert "ONNX 522.2 KiB as recorded, INT8 188.4 KiB as recorded (kept)" in text

@@ -21,6 +21,19 @@ def tracking_uri(paths: ProjectPaths) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
 
 
+def artifact_folder(uri: str, paths: ProjectPaths) -> Path | None:
+    """Where a SQLite store's artifacts go: an absolute folder beside the database
+    (``paths.mlflow_artifacts`` for the project's own store).
+
+    MLflow's own default is ``./mlruns``, relative to whichever directory a process runs in: a
+    stage running in a DVC experiment's workspace would leave its checkpoints and plots in a
+    folder deleted with the workspace. A tracking server (None here) decides for itself.
+    """
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / paths.mlflow_artifacts.name
+    return None
+
+
 def setup_mlflow(paths: ProjectPaths, experiment: str) -> str:
     """Point MLflow at the project's store and experiment; return the experiment id."""
     import mlflow
@@ -30,10 +43,11 @@ def setup_mlflow(paths: ProjectPaths, experiment: str) -> str:
     if found is not None:
         mlflow.set_experiment(experiment)
         return found.experiment_id
+    folder = artifact_folder(tracking_uri(paths), paths)
     artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-        artifacts = paths.mlflow_artifacts.as_uri()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        artifacts = folder.as_uri()
     experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
     return experiment_id

@@ -148,3 +148,14 @@ def test_a_dvc_experiment_workspace_tracks_into_its_projects_store(tmp_path):
     assert ProjectPaths(workspace).mlflow_db == tmp_path / "mlflow.db"
     assert ProjectPaths(workspace).mlflow_artifacts == tmp_path / "mlartifacts"
     assert ProjectPaths(tmp_path).mlflow_db == tmp_path / "mlflow.db"
+
+
+def test_artifacts_of_a_sqlite_store_live_beside_it_whatever_the_cwd(tmp_path, monkeypatch):
+    """Not MLflow's `./mlruns` default: a stage in a DVC workspace would lose them with it."""
+    from imageclf.tracking import artifact_folder
+
+    paths = ProjectPaths(tmp_path)
+    assert artifact_folder(f"sqlite:///{paths.mlflow_db}", paths) == paths.mlflow_artifacts
+    other = tmp_path / "elsewhere" / "runs.db"
+    assert artifact_folder(f"sqlite:///{other}", paths) == other.parent / "mlartifacts"
+    assert artifact_folder("http://127.0.0.1:5000", paths) is None

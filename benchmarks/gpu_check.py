@@ -645,7 +645,7 @@ def section_onnx(run: Run, images: torch.Tensor) -> dict[str, Any]:
     providers = ort.get_available_providers()
     out["available_providers"] = providers
     trained = run.trained if run.trained is not None else run.model()
-    serving = ServingGraph(copy.deepcopy(trained).cpu(), run.params.evaluate.tta_flip).eval()
+    serving = ServingGraph(copy.deepcopy(trained).cpu(), run.params.tta_flip).eval()
     path = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "gpu_check.onnx"
     shape = (run.channels, run.size, run.size)
     t0 = time.perf_counter()

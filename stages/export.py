@@ -38,7 +38,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Export models/model.optimized.pt to models/model.onnx; fail when outside tolerances."""
     cfg = params.export
     dataset = load_dataset(paths.dataset)
-    serving, spec, source = load_serving_model(paths, params.evaluate.tta_flip)
+    serving, spec, source = load_serving_model(paths, params.tta_flip)
     images = dataset.test.images[: cfg.compare_images]
     # Export to temporary files first: a model that fails verification never replaces a good one.
     with ExitStack() as stack:
@@ -58,9 +58,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                     "width": w,
                 }
             ),
-            "output": "log_probs" if params.evaluate.tta_flip else "logits",
+            "output": "log_probs" if params.tta_flip else "logits",
             "model": spec.name,
-            "tta_flip": json.dumps(params.evaluate.tta_flip),
+            "tta_flip": json.dumps(params.tta_flip),
         }
         export_onnx(serving, tmp, dataset.image_shape, cfg.opset, metadata=metadata)
         check = verify_onnx(tmp, serving, images)
@@ -89,7 +89,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         **check,
         "opset": cfg.opset,
         "source_checkpoint": source.name,
-        "tta_flip": params.evaluate.tta_flip,
+        "tta_flip": params.tta_flip,
         "classes": list(spec.classes),
         "torchscript": scripted,
     }

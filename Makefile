@@ -14,10 +14,11 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup dataset run repro train-ddp test test-fast lint format mlflow-ui clean
+.PHONY: help setup dataset run repro photos train-ddp test test-fast lint format mlflow-ui clean
 
 help:
 	@echo "make run        set up, then run the whole DVC pipeline (dvc repro)"
+	@echo "make photos DATA=<folder>  fine-tune pretrained EfficientNet-Lite0 on your photos"
 	@echo "make test       set up, then the whole test suite (what CI runs)"
 	@echo "make test-fast  unit tests only (no end-to-end pipeline)"
 	@echo "make train-ddp  the train stage with DDP over NPROC processes (default 2; torchrun)"
@@ -61,6 +62,13 @@ run: setup
 	@$(BIN)/python -m imageclf.summary
 
 repro: run
+
+# The photo configuration (configs/photos.yaml) on an ImageFolder of RGB photos, as a Prefect
+# flow run: a DVC experiment of its own, registered and promoted under its own model name.
+photos: setup
+	@test -n "$(DATA)" || { echo "usage: make photos DATA=/path/to/folder (with train/<class>/ and test/<class>/)"; exit 2; }
+	$(BIN)/python -m pipelines.training_flow --config configs/photos.yaml \
+		--set data.imagefolder_root=$(abspath $(DATA))
 
 NPROC ?= 2
 train-ddp: setup

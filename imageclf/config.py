@@ -287,6 +287,33 @@ def load_params(path: Path | str | None = None) -> Params:
         ) from exc
 
 
+def load_overrides(path: Path | str) -> dict[str, object]:
+    """A configuration file: a flat YAML mapping of dotted keys to values, e.g.
+    ``configs/photos.yaml`` (``train.model: efficientnet_lite0``), applied over params.yaml by the
+    training flow's ``--config``. Checked against the typed parameters here, before any run."""
+    from imageclf.paths import get_paths
+
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = get_paths().root / path
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"No configuration file at {path}.") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and "." in k for k in raw):
+        raise ParamsError(
+            f"{path} must be a mapping of dotted parameter keys to values "
+            "(e.g. `train.epochs: 8`), as `dvc exp run -S` takes them."
+        )
+    try:
+        apply_overrides(load_params(), raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from exc
+    return dict(raw)
+
+
 def apply_overrides(params: Params, overrides: dict[str, object]) -> Params:
     """A copy of ``params`` with dotted keys replaced ({"train.epochs": 3}), validated again.
 

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from imageclf.config import load_params
+from imageclf.config import load_overrides, load_params
 from imageclf.io import read_json
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri
@@ -148,10 +148,11 @@ def training_flow(
     width: int | None = None,
     set_params: list[str] | None = None,
     promote: bool = True,
+    config: str | None = None,
 ) -> dict[str, Any]:
     """Run dvc.yaml's pipeline as a DVC experiment with these overrides of params.yaml (empty:
-    keep the file's value; ``set_params``: more as KEY=VALUE), register the model, maybe
-    promote it."""
+    keep the file's value; ``set_params``: more as KEY=VALUE; ``config``: a file of them, such
+    as configs/photos.yaml, applied first), register the model, maybe promote it."""
     logger = get_run_logger()
     # The named parameters are the form fields the UI shows; anything else goes in set_params.
     named = {
@@ -163,6 +164,7 @@ def training_flow(
         "data.fraction": fraction,
     }
     overrides = {
+        **(load_overrides(config) if config else {}),
         **{k: v for k, v in named.items() if v is not None},
         **parse_set_params(set_params),
     }
@@ -230,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="any other params.yaml override, as `dvc exp run -S` (repeatable)",
     )
+    parser.add_argument(
+        "--config", help="a YAML file of dotted overrides applied first (configs/photos.yaml)"
+    )
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args(argv)
     logging.getLogger("imageclf").setLevel(logging.INFO)
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         width=args.width,
         set_params=args.set_params,
         promote=not args.no_promote,
+        config=args.config,
     )
     print(json.dumps(result, indent=2))
 

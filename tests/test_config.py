@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from imageclf.config import Params, ParamsError, load_params
+from imageclf.config import Params, ParamsError, apply_overrides, load_params
 from tests.conftest import REPO
 
 
@@ -83,3 +83,36 @@ def test_invalid_value_says_which_and_why(tmp_path):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ParamsError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_augmentation_policy_is_checked_when_params_load():
+    """A typo or a missing number in train.augment fails at load time, naming the step."""
+    params = load_params()
+    good = apply_overrides(params, {"train.augment": ["hflip", {"rotation": 10}]})
+    assert good.train.flips and good.tta_flip == params.evaluate.tta_flip
+    no_flip = apply_overrides(params, {"train.augment": [{"translate": 2}]})
+    assert not no_flip.train.flips and not no_flip.tta_flip  # no flip TTA without flips
+    for bad, words in (
+        (["hflp"], "unknown augmentation 'hflp'"),
+        (["rotation"], "needs its degrees"),
+        ([{"hflip": 1}], "takes no number"),
+        ([{"rotation": 5, "translate": 2}], "one name to one number"),
+    ):
+        with pytest.raises(ParamsError, match=words):
+            apply_overrides(params, {"train.augment": bad})
+
+
+def test_a_configuration_file_is_validated_before_any_run(tmp_path):
+    from imageclf.config import load_overrides
+
+    photos = load_overrides(REPO / "configs" / "photos.yaml")
+    assert photos["train.pretrained"] == "imagenet" and photos["data.channels"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train.epochz: 3\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml: Unknown parameter 'train.epochz'"):
+        load_overrides(bad)
+    bad.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(ParamsError, match="dotted parameter keys"):
+        load_overrides(bad)
+    with pytest.raises(ParamsError, match="No configuration file"):
+        load_overrides(tmp_path / "missing.yaml")

@@ -56,6 +56,8 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                     "channels": c,
                     "height": h,
                     "width": w,
+                    # imageclf.transforms.prepare_image: how any image becomes this input
+                    "resize": "shorter side to height, centre crop",
                 }
             ),
             "output": "log_probs" if params.tta_flip else "logits",

@@ -311,7 +311,7 @@ def section_engine(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict
         "it trains channels_last + fp16 autocast + GradScaler, not configurable",
         "images": len(split),
     }
-    runs = [("warmup", run.plan.warmup, False), ("no_augment", run.plan.engine_steps, False)]
+    runs = [("warmup", run.plan.warmup, []), ("no_augment", run.plan.engine_steps, [])]
     runs.append(("augment (params.yaml)", run.plan.engine_steps, run.cfg.augment))
     for name, steps, augment in runs:
         if name != "warmup" and run.left() < 20:
@@ -526,7 +526,7 @@ def _ddp_worker(rank: int, world: int, port: int, mode: str, steps: int, results
         images, labels = synthetic(n, params.data.channels, params.data.image_size, device, rank)
         if mode == "gloo_train_model":  # the whole project path: shard, wrap, reduce, sync check
             run_cfg = apply_overrides(
-                params, {"train.epochs": 1, "train.max_steps": steps, "train.augment": False}
+                params, {"train.epochs": 1, "train.max_steps": steps, "train.augment": []}
             ).train
             t0 = time.perf_counter()
             history = train_model(

@@ -7,14 +7,17 @@ function init(args)
   local data = f:read("*all")
   f:close()
   local field = args[2] or "image"
+  local ext = string.lower(string.match(args[1], "%.(%w+)$") or "png")
+  local types = { png = "image/png", jpg = "image/jpeg", jpeg = "image/jpeg" }
+  local mime = types[ext] or "application/octet-stream"
   wrk.method = "POST"
   if args[3] == "raw" then
     wrk.body = data
-    wrk.headers["Content-Type"] = "image/png"
+    wrk.headers["Content-Type"] = mime
   else
     wrk.body = "--" .. boundary .. "\r\n"
-      .. 'Content-Disposition: form-data; name="' .. field .. '"; filename="image.png"\r\n'
-      .. "Content-Type: image/png\r\n\r\n" .. data .. "\r\n--" .. boundary .. "--\r\n"
+      .. 'Content-Disposition: form-data; name="' .. field .. '"; filename="image.' .. ext .. '"\r\n'
+      .. "Content-Type: " .. mime .. "\r\n\r\n" .. data .. "\r\n--" .. boundary .. "--\r\n"
     wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
   end
 end

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from imageclf.io import archive_bytes, write_bytes
-from imageclf.models import build_model, fold_batchnorm
+from imageclf.models import (
+    build_model,
+    check_channels,
+    fold_batchnorm,
+    model_contract,
+    per_channel,
+)
 from imageclf.paths import ProjectPaths
 from imageclf.stage import InvalidInput
 
@@ -29,11 +35,23 @@ class ModelSpec:
     in_channels: int
     image_size: int
     classes: tuple[str, ...]
-    mean: float
-    std: float
+    # Per-channel input normalisation baked into the model (one float, from checkpoints written
+    # before per-channel statistics, is repeated per channel).
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     # True when BatchNorm was folded into the convs (the optimize stage): the weights then
     # belong to the folded layout, so the architecture is built and folded before loading.
     bn_folded: bool = False
+    # What the weights started from: "" (random), "imagenet" (weights a package ships), "file"
+    # (a local weights file) or "checkpoint" (train.init_from). Never a path: the checkpoint's
+    # bytes must not depend on the machine.
+    pretrained: str = ""
+
+    def __post_init__(self) -> None:
+        check_channels(self.name, self.in_channels)
+        object.__setattr__(self, "mean", per_channel(self.mean, self.in_channels, "mean"))
+        object.__setattr__(self, "std", per_channel(self.std, self.in_channels, "std"))
+        object.__setattr__(self, "classes", tuple(self.classes))
 
     def build(self) -> nn.Module:
         model = build_model(
@@ -47,6 +65,21 @@ class ModelSpec:
         )
         return fold_batchnorm(model) if self.bn_folded else model
 
+    def input_contract(self) -> dict[str, Any]:
+        """The preprocessing this model expects, for export metadata and serving: the size and
+        channels it was trained at, its normalisation (inside the graph), and the size and
+        statistics its pretrained weights came with."""
+        contract = model_contract(self.name)
+        return {
+            "size": self.image_size,
+            "channels": self.in_channels,
+            "color": "RGB" if self.in_channels == 3 else "L",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pretrained": self.pretrained,
+            "pretrained_size": contract.size if self.pretrained else None,
+        }
+
 
 def save_checkpoint(
     path: Path, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None
@@ -56,7 +89,14 @@ def save_checkpoint(
     ``extra`` is part of the file (and of its DVC hash): keep it to facts about the model (the
     epoch), never run ids, timings or paths, which belong in reports and MLflow."""
     state = {
-        "spec": {**asdict(spec), "classes": list(spec.classes)},
+        "spec": {
+            **asdict(spec),
+            "classes": list(spec.classes),
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
+        # Derived from the spec; stored for readers without this code (a person, a service).
+        "input_contract": spec.input_contract(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
@@ -71,7 +111,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     raw = state["spec"]
-    spec = ModelSpec(**{**raw, "classes": tuple(raw["classes"])})
+    spec = ModelSpec(**raw)  # float mean/std (older checkpoints) become per-channel
     model = spec.build()
     model.load_state_dict(state["state_dict"])
     model.eval()
@@ -105,7 +145,8 @@ def load_pretrained_features(model: nn.Module, path: Path) -> int:
             f"{path} has batch norm folded (an optimize output): use models/model.pt."
         )
     ours, theirs = model[-1], source[-1]  # nn.Sequential(Normalize, body): the bodies
-    target_keys = [k for k in ours.state_dict() if not k.startswith(f"{len(ours) - 1}.")]
+    classifier = f"{list(ours._modules)[-1]}."
+    target_keys = [k for k in ours.state_dict() if not k.startswith(classifier)]
     source_state = theirs.state_dict()
     missing = [k for k in target_keys if k not in source_state]
     wrong = [

@@ -60,6 +60,8 @@ class DataloaderCheckParams(_Section):
     overfit_lr: float = Field(gt=0)
     overfit_max_loss: float = Field(gt=0)
     throughput_batches: int = Field(ge=1)
+    # Folder datasets: how many source files to decode to time decoding per image; 0: skip.
+    decode_images: int = Field(ge=0)
     grid: LoaderGrid
 
 
@@ -158,6 +160,9 @@ class EvaluateParams(_Section):
     tta_flip: bool
     # How many of the most confidently wrong test images the top-losses gallery shows.
     top_losses: int = Field(ge=0)
+    # A class is named rare when its share of the training images is below this fraction of
+    # the uniform share 1/num_classes (0.5: fewer than half the images a balanced split has).
+    rare_class_share: float = Field(gt=0, le=1)
 
 
 class ProfileParams(_Section):
@@ -216,6 +221,9 @@ class ServingParams(_Section):
     upload_temp_dir: str
     # One log line per request; the prediction log and /metrics record every request anyway.
     access_log: bool
+    # Test images stored with each model version (by the reference stage) for the web page to
+    # offer as click-to-classify examples, spread over the classes; 0: none.
+    examples: int = Field(ge=0)
 
 
 class MonitoringParams(_Section):

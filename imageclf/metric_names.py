@@ -34,3 +34,23 @@ def bench_metric(backend: str, batch: int, stat: str) -> str:
 # What promotion's latency budget (registry.max_latency_ms) is checked against: one image at a
 # time through the served runtime.
 SERVED_LATENCY_METRIC = bench_metric(ONNXRUNTIME_FP32, 1, "p50_ms")
+
+# Evaluation (reports/evaluate.json, and the training run's metrics in MLflow).
+TEST_ACCURACY = "test_accuracy"
+TEST_ACCURACY_NO_TTA = "test_accuracy_no_tta"
+MACRO_F1 = "macro_f1"
+# Mean per-class recall: on an imbalanced test set, plain accuracy hides a class the model misses.
+BALANCED_ACCURACY = "balanced_accuracy"
+# The lowest per-class recall (the number; which class it is sits beside it in the report).
+WORST_RECALL = "worst_recall"
+# Per-class statistics logged as ``<stat>.<class>``.
+PER_CLASS_STATS = ("precision", "recall", "f1")
+
+
+def per_class_metric(stat: str, class_name: str) -> str:
+    """``recall.Shirt``: the MLflow name of one class's statistic. A folder name may hold any
+    character: those MLflow refuses in a metric name become ``_``, and empty, ``.`` and ``..``
+    path segments (MLflow refuses names that normalise to another path) are dropped."""
+    safe = "".join(c if c.isalnum() or c in "_-. /" else "_" for c in class_name)
+    parts = [part for part in safe.split("/") if part not in ("", ".", "..")]
+    return f"{stat}.{'/'.join(parts) or '_'}"

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from imageclf.io import write_with
+from imageclf.metric_names import BALANCED_ACCURACY, MACRO_F1, TEST_ACCURACY, WORST_RECALL
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -24,7 +25,12 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def classification_report(
     labels: np.ndarray, predictions: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
-    """Accuracy, macro F1 and per-class precision/recall/F1/support (all fractions in [0, 1])."""
+    """Accuracy, balanced accuracy, macro F1, the worst-recall class and per-class
+    precision/recall/F1/support (all fractions in [0, 1]).
+
+    Balanced accuracy is the mean recall over the classes the test split holds (scikit-learn's
+    definition): a model that never predicts a 2% class loses 2 points of accuracy but a whole
+    class's share of balanced accuracy."""
     cm = confusion_matrix(labels, predictions, len(classes))
     tp = np.diag(cm).astype(float)
     predicted = cm.sum(0).astype(float)
@@ -42,11 +48,41 @@ def classification_report(
         }
         for i, name in enumerate(classes)
     }
+    present = actual > 0
+    worst = int(np.flatnonzero(present)[np.argmin(recall[present])]) if present.any() else None
     return {
-        "test_accuracy": float(tp.sum() / max(cm.sum(), 1)),
-        "macro_f1": float(f1.mean()),
+        TEST_ACCURACY: float(tp.sum() / max(cm.sum(), 1)),
+        BALANCED_ACCURACY: float(recall[present].mean()) if present.any() else 0.0,
+        MACRO_F1: float(f1.mean()),
+        WORST_RECALL: float(recall[worst]) if worst is not None else 0.0,
+        "worst_recall_class": classes[worst] if worst is not None else None,
         "num_test_images": int(cm.sum()),
         "per_class": per_class,
+    }
+
+
+def train_class_shares(
+    labels: np.ndarray, classes: list[str], rare_class_share: float
+) -> dict[str, Any]:
+    """Training images per class and the rare classes among them, in plain numbers.
+
+    A class is rare when its share of the training split is below ``rare_class_share`` times
+    the uniform share 1/num_classes: the classes imbalance handling is for. Keyed by class name
+    (not lists), so that `dvc metrics show` gives each number its own column."""
+    counts = np.bincount(labels, minlength=len(classes))[: len(classes)]
+    total = max(int(counts.sum()), 1)
+    uniform = 1.0 / max(len(classes), 1)
+    rare = sorted(
+        (i for i in range(len(classes)) if counts[i] / total < rare_class_share * uniform),
+        key=lambda i: (counts[i], classes[i]),
+    )
+    return {
+        "train_images_per_class": {name: int(counts[i]) for i, name in enumerate(classes)},
+        "uniform_train_share": uniform,
+        "rare_classes": {
+            classes[i]: {"train_images": int(counts[i]), "train_share": float(counts[i] / total)}
+            for i in rare
+        },
     }
 
 

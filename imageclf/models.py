@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,12 +22,48 @@ from torch import nn
 from imageclf.stage import InvalidInput
 
 ModelFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, ModelFactory] = {}
+# A layer-group layout: the backbone's groups from the bottom (input side) up, each a list of
+# submodule names of the body, the classifier excluded. Transfer learning freezes, unfreezes and
+# sets learning rates per group (imageclf.transfer).
+GroupLayout = Callable[[nn.Sequential], list[list[str]]]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+@dataclass(frozen=True)
+class InputContract:
+    """What a model's pretrained weights expect of their input: preprocessing is part of the
+    weights, so it is declared next to them, recorded in the checkpoint and shown by export.
+
+    ``size`` is the side the weights were trained at (training at another size works; far below
+    it, accuracy drops); ``channels`` 3 means RGB; ``mean``/``std`` are the per-channel statistics
+    the weights were trained with, used instead of the dataset's when the weights are loaded.
+    Models trained here from scratch have no contract beyond the dataset's (all None)."""
+
+    size: int | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    factory: ModelFactory
+    contract: InputContract
+    groups: GroupLayout | None
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(
+    name: str, *, contract: InputContract | None = None, groups: GroupLayout | None = None
+) -> Callable[[ModelFactory], ModelFactory]:
+    """Add a model under ``name`` with its input contract and (optionally) its layer groups;
+    without ``groups`` every child of the body that holds weights is a group."""
+
     def deco(fn: ModelFactory) -> ModelFactory:
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = ModelEntry(fn, contract or InputContract(), groups)
         return fn
 
     return deco
@@ -36,34 +73,87 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_entry(name: str) -> ModelEntry:
+    """The registry's entry for ``name``; a clear error naming the choices otherwise."""
+    if name not in _REGISTRY:
+        raise InvalidInput(
+            f"Unknown model {name!r}; choose one of {available_models()} (params.yaml train.model)."
+        )
+    return _REGISTRY[name]
+
+
+def model_contract(name: str) -> InputContract:
+    return model_entry(name).contract
+
+
+def check_channels(name: str, in_channels: int) -> None:
+    """A model pretrained on RGB images takes 3 channels; a clear error otherwise."""
+    wanted = model_contract(name).channels
+    if wanted is not None and in_channels != wanted:
+        raise InvalidInput(
+            f"{name} takes {wanted}-channel (RGB) images, got {in_channels} channel(s): set "
+            f"data.channels: {wanted} (grayscale images are then repeated across RGB)."
+        )
+
+
+def per_channel(value: float | Sequence[float], channels: int, what: str) -> tuple[float, ...]:
+    """One statistic per input channel: a single number is repeated (older checkpoints and
+    single-channel data stored one float)."""
+    if isinstance(value, int | float):
+        return (float(value),) * channels
+    values = tuple(float(v) for v in value)
+    if len(values) != channels:
+        raise InvalidInput(
+            f"normalisation {what} {values} has {len(values)} value(s) for {channels} channel(s)."
+        )
+    return values
+
+
 def build_model(
     name: str,
     num_classes: int,
     in_channels: int = 1,
     width: int = 32,
-    mean: float = 0.5,
-    std: float = 0.5,
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
     image_size: int = 28,
 ) -> nn.Module:
     """Build a registered model with its input normalization baked in (``image_size``: the
-    side of the square input, which position-aware models such as ``vit_tiny`` need)."""
-    if name not in _REGISTRY:
-        raise InvalidInput(
-            f"Unknown model {name!r}; choose one of {available_models()} (params.yaml train.model)."
-        )
-    body = _REGISTRY[name](
+    side of the square input, which position-aware models such as ``vit_tiny`` need).
+
+    ``mean``/``std``: one number for all channels, or one per channel."""
+    entry = model_entry(name)
+    check_channels(name, in_channels)
+    body = entry.factory(
         num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
     )
+    if not (isinstance(body, nn.Sequential) and len(body) >= 2):
+        raise TypeError(f"model {name} must return nn.Sequential(..., classifier)")
+    # The layout, as names: a plain attribute (not a submodule), so the state_dict is unchanged.
+    body.layer_groups = (entry.groups or default_groups)(body)
     return nn.Sequential(Normalize(mean, std, in_channels), body)
 
 
-class Normalize(nn.Module):
-    """(x - mean) / std with the dataset's statistics as buffers (saved in the state_dict)."""
+def default_groups(body: nn.Sequential) -> list[list[str]]:
+    """Every child of the body holding weights, except the classifier, is one layer group."""
+    names = list(body._modules)[:-1]
+    return [[n] for n in names if any(True for _ in body._modules[n].parameters())]
 
-    def __init__(self, mean: float, std: float, channels: int) -> None:
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as buffers (saved in the state_dict): the dataset's
+    statistics for models trained here, the pretraining's for pretrained backbones."""
+
+    def __init__(
+        self, mean: float | Sequence[float], std: float | Sequence[float], channels: int
+    ) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.full((1, channels, 1, 1), float(mean)))
-        self.register_buffer("std", torch.full((1, channels, 1, 1), float(std)))
+        means = torch.tensor(per_channel(mean, channels, "mean"), dtype=torch.float32)
+        stds = torch.tensor(per_channel(std, channels, "std"), dtype=torch.float32)
+        if bool((stds <= 0).any()):
+            raise InvalidInput(f"normalisation std must be positive, got {stds.tolist()}.")
+        self.register_buffer("mean", means.reshape(1, channels, 1, 1))
+        self.register_buffer("std", stds.reshape(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -249,3 +339,11 @@ class ServingGraph(nn.Module):
             mirrored = self.head(self.features(x.flip(3)))
             scores = (scores.log_softmax(1) + mirrored.log_softmax(1)) / 2
         return scores, embedding
+
+
+def _register_backbones() -> None:
+    """Pretrained backbones live in :mod:`imageclf.backbones` and register themselves there."""
+    from imageclf import backbones  # noqa: F401  (import for its registrations)
+
+
+_register_backbones()

@@ -113,6 +113,11 @@ class ProjectPaths:
         """The training-data summaries monitoring compares production with."""
         return self.models / "reference.npz"
 
+    @property
+    def examples(self) -> Path:
+        """A few test images per class, registered with the model version for the web page."""
+        return self.models / "examples.npz"
+
     # ------------------------------------------------------------- reports, one per stage
     @property
     def download_report(self) -> Path:
@@ -126,6 +131,16 @@ class ProjectPaths:
     def validation_docs(self) -> Path:
         """Great Expectations' context and Data Docs of the last passing validation."""
         return self.reports / "validation"
+
+    @property
+    def data_quality_report(self) -> Path:
+        """Counts per kind of data problem (DVC metrics), written by validate."""
+        return self.reports / "data_quality.json"
+
+    @property
+    def data_quality_html(self) -> Path:
+        """The data problems a person reads: thumbnails of the offending files, by problem."""
+        return self.reports / "data_quality.html"
 
     @property
     def validation_failed(self) -> Path:
@@ -153,6 +168,25 @@ class ProjectPaths:
     @property
     def confusion_matrix_plot(self) -> Path:
         return self.plots / "confusion_matrix.png"
+
+    @property
+    def top_losses_plot(self) -> Path:
+        """The most confidently wrong test images, with true and predicted class."""
+        return self.plots / "top_losses.png"
+
+    @property
+    def confused_pairs_plot(self) -> Path:
+        return self.plots / "confused_pairs.png"
+
+    @property
+    def error_analysis_html(self) -> Path:
+        """Both of the above and the per-class table in one self-contained page."""
+        return self.reports / "errors.html"
+
+    @property
+    def error_analysis_report(self) -> Path:
+        """The gallery's images and the confused pairs as data (not metrics: lists)."""
+        return self.reports / "errors.json"
 
     @property
     def profile_report(self) -> Path:

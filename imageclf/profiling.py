@@ -1,8 +1,11 @@
 """torch.profiler over a few real training steps: where does step time go?
 
-The step is the same as in ``imageclf.engine`` (loader, augmentation, forward, backward, step),
-with each phase wrapped in ``record_function`` so the Chrome trace reads like the code. The share
-of time spent waiting for data is measured with wall-clock timers around ``next(loader)``.
+The step is the same as in ``imageclf.engine`` (the loader with the train.augment policy and
+train.class_balance, forward, backward, step), with each phase wrapped in ``record_function`` so
+the Chrome trace reads like the code. Augmentation happens inside the loader (in its workers, if
+any), so it is part of the data wait; without workers its own ``augment`` range shows inside
+``data_wait`` in the trace. The share of time spent waiting for data is measured with wall-clock
+timers around ``next(loader)``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from imageclf.config import ProfileParams, TrainParams
-from imageclf.data.loaders import LoaderSettings, make_loader
+from imageclf.data.loaders import LoaderSettings, class_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.engine import make_optimizer, seed_everything
-from imageclf.transforms import random_augment
+from imageclf.models import split_head
 
 
 def profile_training(
@@ -32,11 +35,24 @@ def profile_training(
     seed: int,
 ) -> dict[str, Any]:
     """Profile ``cfg.steps`` steps after ``cfg.warmup``, write a Chrome trace, return numbers."""
-    generator = seed_everything(seed)
+    seed_everything(seed)
     model.train().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
-    criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
-    data = make_loader(split, cfg.batch_size, shuffle=True, seed=seed, settings=loader)
+    balance = train_cfg.class_balance
+    weight = class_weights(split.labels, split_head(model)[1].out_features)
+    criterion = nn.CrossEntropyLoss(
+        weight=weight if balance == "weights" else None,
+        label_smoothing=train_cfg.label_smoothing,
+    )
+    data = make_loader(
+        split,
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed,
+        settings=loader,
+        augment=train_cfg.augment,
+        balance=balance == "sampler",
+    )
     iterator = iter(data)
     total = cfg.warmup + cfg.steps
     wait_s = step_s = 0.0
@@ -67,10 +83,8 @@ def profile_training(
                     iterator = iter(data)
                     images, labels = next(iterator)
             waited = time.perf_counter() - started
-            with record_function("augment"):
+            with record_function("to_channels_last"):
                 images = images.contiguous(memory_format=torch.channels_last)
-                if train_cfg.augment:
-                    images = random_augment(images, generator)
             with record_function("forward"):
                 loss = criterion(model(images), labels)
             with record_function("backward"):

@@ -48,6 +48,8 @@ COMPARABLE_BY = {
 }
 # The version tag naming the run artifact that holds its monitoring reference.
 REFERENCE_TAG = "monitoring_reference"
+# The version tag naming the run artifact that holds the test images its web page shows.
+EXAMPLES_TAG = "example_images"
 
 
 @dataclass
@@ -103,12 +105,14 @@ def log_and_register(
     example: np.ndarray,
     tags: dict[str, str] | None = None,
     reference: Path | None = None,
+    examples: Path | None = None,
 ) -> str:
     """Log the ONNX model (signature + input example) to ``run_id`` and register a new version.
 
     The new version gets the alias ``challenger``; its monitoring ``reference`` (the summaries
     of the training data made with this very model) is stored with it, so whichever version is
-    served is watched against its own reference. Returns the version number.
+    served is watched against its own reference, and so are its ``examples`` (test images of
+    its own classes and input size for the web page). Returns the version number.
     """
     import mlflow
     import onnx
@@ -135,10 +139,14 @@ def log_and_register(
             mlflow.set_tags(tags)
     version = str(info.registered_model_version)
     name = params.registry.model_name
-    if reference is not None and reference.is_file():
-        folder = f"monitoring/v{version}"
-        registry.log_artifact(run_id, str(reference), artifact_path=folder)
-        registry.set_model_version_tag(name, version, REFERENCE_TAG, f"{folder}/{reference.name}")
+    for tag, kind, path in (
+        (REFERENCE_TAG, "monitoring", reference),
+        (EXAMPLES_TAG, "examples", examples),
+    ):
+        if path is not None and path.is_file():
+            folder = f"{kind}/v{version}"
+            registry.log_artifact(run_id, str(path), artifact_path=folder)
+            registry.set_model_version_tag(name, version, tag, f"{folder}/{path.name}")
     registry.set_registered_model_alias(name, CHALLENGER, version)
     for key, value in (tags or {}).items():
         registry.set_model_version_tag(name, version, key, value)
@@ -148,9 +156,18 @@ def log_and_register(
 
 def download_reference(tracking: str, name: str, version: str, dest: Path) -> Path | None:
     """The monitoring reference registered with ``version`` (None for a version without one)."""
+    return _download_tagged(tracking, name, version, REFERENCE_TAG, dest)
+
+
+def download_examples(tracking: str, name: str, version: str, dest: Path) -> Path | None:
+    """The web page's example images registered with ``version`` (None: it has none)."""
+    return _download_tagged(tracking, name, version, EXAMPLES_TAG, dest)
+
+
+def _download_tagged(tracking: str, name: str, version: str, tag: str, dest: Path) -> Path | None:
     registry = client(tracking)
     mv = registry.get_model_version(name, version)
-    artifact = mv.tags.get(REFERENCE_TAG)
+    artifact = mv.tags.get(tag)
     if not artifact or not mv.run_id:
         return None
     dest.mkdir(parents=True, exist_ok=True)
@@ -384,7 +401,9 @@ def register_workspace(
                 log.info("this model is already version %s: nothing to register", version.version)
                 return str(version.version)
     example = to_model_array(dataset.test.images[:2])
-    return log_and_register(tracking, params, run_id, paths.onnx, example, tags, paths.reference)
+    return log_and_register(
+        tracking, params, run_id, paths.onnx, example, tags, paths.reference, paths.examples
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

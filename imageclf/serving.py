@@ -39,39 +39,105 @@ class ModelUnavailable(RuntimeError):
     """No model can be served (no champion yet, registry unreachable): the service is not ready."""
 
 
+# The decoders an upload may use: the formats the error message names, and nothing that
+# hands the bytes to an outside program (EPS/PS would run Ghostscript when it is installed).
+# JPEG covers MPO, the multi-picture JPEG many phones write (Pillow opens it as a JPEG).
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+
+
 def decode_image(
     data: bytes, limits: ServingParams, size: int, channels: int, name: str = "image"
 ) -> np.ndarray:
     """Bytes of an uploaded file -> uint8 (size, size, channels), or an InputError saying why.
 
     The pixel count is checked from the header before any pixel is decoded, so a small file that
-    expands to gigabytes (a decompression bomb) costs nothing.
+    expands to gigabytes (a decompression bomb) costs nothing. Decoding itself is left to the
+    shared :func:`~imageclf.transforms.prepare_image`, which can ask a JPEG decoder for a
+    reduced scale first: a phone photo then never exists at full size in memory.
     """
     if not data:
         raise InputError(f"{name} is empty: send the bytes of a PNG or JPEG file.")
     if len(data) > limits.max_request_bytes:
         raise InputError(
-            f"{name} is {len(data)} bytes, over the {limits.max_request_bytes}-byte limit.",
+            f"{name} is {len(data)} bytes, over the {limits.max_request_bytes}-byte limit "
+            "(serving.max_request_bytes).",
             status=413,
         )
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(
             f"{name} is not an image this service can read (PNG, JPEG, GIF, BMP, WebP or TIFF).",
             status=415,
         ) from exc
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own pixel limit
+        raise InputError(f"{name} is over the pixel limit ({exc}).", status=413) from exc
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise InputError(
-            f"{name} is {width}x{height} pixels, over the {limits.max_image_pixels}-pixel limit.",
+            f"{name} is {width}x{height} pixels, over the {limits.max_image_pixels}-pixel limit "
+            "(serving.max_image_pixels).",
             status=413,
         )
     try:
-        image.load()
         return prepare_image(image, size, channels)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"{name} is truncated or corrupt ({exc}).") from exc
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 HWC image (1 or 3 channels) as PNG: logged inputs and the page's examples."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Example:
+    """A test image the web page offers to click, with its true class."""
+
+    label: str
+    png: bytes
+
+
+def pick_examples(labels: np.ndarray, total: int, seed: int) -> np.ndarray:
+    """Indices of ``total`` images spread over the classes: one of each class in turn (random
+    within a class), so even a short list shows every class once before any twice."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    for rank in range(max((len(p) for p in per_class), default=0)):
+        for members in per_class:
+            if len(picked) < total and rank < len(members):
+                picked.append(int(members[rank]))
+    return np.asarray(picked, dtype=np.int64)
+
+
+def save_examples(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    """Write example images (uint8 NHWC) with their class names, atomically, as one .npz that
+    is registered with the model version (like the monitoring reference)."""
+    from imageclf.io import write_with
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez(
+                handle,
+                images=np.asarray(images, dtype=np.uint8),
+                labels=np.asarray([classes[int(k)] for k in labels], dtype=np.str_),
+            )
+
+    write_with(path, write, suffix=".npz")
+
+
+def load_examples(path: Path) -> list[Example]:
+    """The examples of :func:`save_examples`, each encoded once as PNG for the page."""
+    with np.load(path, allow_pickle=False) as npz:
+        images, labels = npz["images"], npz["labels"]
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"{path} does not hold (N, H, W, C) images with one label each.")
+    return [
+        Example(str(label), encode_png(image)) for image, label in zip(images, labels, strict=True)
+    ]
 
 
 @dataclass

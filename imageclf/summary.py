@@ -1,10 +1,11 @@
 """A short summary of the last pipeline run, for a person: `python -m imageclf.summary`.
 
 `dvc metrics show` prints every number of every report in one row about 200 columns wide. What
-`make run` should end with is five answers: how accurate, how long it trained, how big and how
-fast the served model is, which registry version serves, and where the details are. Each answer
-comes from the file the pipeline wrote (named in :mod:`imageclf.paths`); a missing or unreadable
-report becomes one line that says which stage writes it, never a traceback.
+`make run` should end with is a few answers: how accurate (balanced too, and on which class the
+model is weakest), whether a class is rare and how training treated it, how long it trained, how
+big and how fast the served model is, which registry version serves, and where the details are.
+Each answer comes from the file the pipeline wrote (named in :mod:`imageclf.paths`); a missing or
+unreadable report becomes one line that says which stage writes it, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imageclf.config import Params, load_params
+from imageclf.metric_names import BALANCED_ACCURACY, WORST_RECALL
 from imageclf.paths import ProjectPaths, get_paths
 from imageclf.tracking import tracking_uri
 
@@ -88,6 +90,60 @@ def accuracy_line(paths: ProjectPaths) -> str:
     if report.get("tta_flip"):
         details.append("with flip TTA")
     return f"{text} ({', '.join(details)})" if details else text
+
+
+def percent(share: float) -> str:
+    """``0.0203`` -> ``2.0%``; ``0.1`` -> ``10%``; ``0.0003`` -> ``<0.1%`` (never a "0.0%"
+    that reads as none)."""
+    if 0 < share < 0.001:
+        return "<0.1%"
+    text = f"{share:.1%}"
+    return text.replace(".0%", "%") if share >= 0.1 else text
+
+
+def balanced_line(paths: ProjectPaths) -> str:
+    """Balanced accuracy and the class the model finds hardest: what accuracy hides."""
+    report = read_report(paths.evaluate_report)
+    if report is None:
+        return missing(paths, paths.evaluate_report, "evaluate")
+    if BALANCED_ACCURACY not in report:
+        return (
+            f"not in {relative(paths, paths.evaluate_report)} (an older evaluate): "
+            "rerun `dvc repro evaluate`"
+        )
+    text = f"{report[BALANCED_ACCURACY]:.4f}"
+    worst = report.get("worst_recall_class")
+    if worst is not None:
+        text += f" (worst recall: {worst} {report[WORST_RECALL]:.4f})"
+    return text
+
+
+def classes_line(paths: ProjectPaths) -> str:
+    """The rare classes of the training split, in plain words, and how training treated them."""
+    report = read_report(paths.evaluate_report)
+    if report is None:
+        return missing(paths, paths.evaluate_report, "evaluate")
+    balance = report.get("class_balance")
+    how = f"class_balance: {balance}" if balance else "class_balance not recorded"
+    rare = report.get("rare_classes")
+    if not isinstance(rare, dict):
+        return f"{how}; rare classes not in {relative(paths, paths.evaluate_report)}"
+    if not rare:
+        return f"no rare class; {how}"
+    expected = percent(float(report["uniform_train_share"]))
+    described = []
+    for name, row in rare.items():
+        images = row["train_images"]
+        recall = f", test recall {row['test_recall']:.2f}" if "test_recall" in row else ""
+        described.append(
+            f"{name}: {images} train image{'s' if images != 1 else ''}, "
+            f"{percent(float(row['train_share']))} of train, expected about {expected}{recall}"
+        )
+    word = "rare class" if len(rare) == 1 else "rare classes"
+    hint = " (nothing compensated: try train.class_balance weights or sampler)" * (
+        balance == "none"
+    )
+    return f"{word} {'; '.join(described)}. {how}{hint}"
 
 
 def training_line(paths: ProjectPaths) -> str:
@@ -197,6 +253,10 @@ def add_locations(summary: Summary, paths: ProjectPaths) -> None:
     plots = sorted(paths.plots.glob("*.png")) if paths.plots.is_dir() else []
     if plots:
         summary.locations.append(("plots", ", ".join(relative(paths, p) for p in plots)))
+    if paths.error_analysis_html.is_file():
+        summary.locations.append(("errors", relative(paths, paths.error_analysis_html)))
+    if paths.data_quality_html.is_file():
+        summary.locations.append(("data quality", relative(paths, paths.data_quality_html)))
     docs = (read_report(paths.validate_report) or {}).get("data_docs")
     if isinstance(docs, str) and (paths.root / docs).is_file():
         summary.locations.append(("data docs", docs))
@@ -224,6 +284,8 @@ def gather(
     summary = Summary()
     summary.lines = [
         ("Test accuracy", guarded(accuracy_line, paths, paths.evaluate_report, "evaluate")),
+        ("Balanced acc.", guarded(balanced_line, paths, paths.evaluate_report, "evaluate")),
+        ("Classes", guarded(classes_line, paths, paths.evaluate_report, "evaluate")),
         ("Training", guarded(training_line, paths, paths.train_report, "train")),
         ("Model size", guarded(size_line, paths, paths.optimize_report, "optimize")),
         ("Champion", champion_line(paths, params, status)),

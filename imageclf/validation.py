@@ -1,16 +1,19 @@
-"""Data validation with Great Expectations 1.x over a per-image metadata table.
+"""Data validation with Great Expectations 1.x: the gate before a model may learn from data.
 
-Each image becomes one row (split, label, shape, dtype, pixel statistics, content hash, and the
-share of its class in its split), and one expectation suite checks the table. Checking a table
-of facts instead of the raw tensors is what lets GX's Data Docs show a person *which* images broke
-which rule.
+Two tables are checked. ``images``: one row per file (or stored image), with the facts of its
+stored array (shape, dtype, pixel range, content hash) and one text column per kind of problem
+from :mod:`imageclf.data.quality` (label conflict, train/test leak, duplicate, bad file, tiny,
+odd aspect, blurry, dark), empty when the file is fine. ``classes``: one row per class and split
+with its count, share and imbalance text. Problems are texts that name the file and class, so a
+failed expectation (and GX's Data Docs) says which files broke which rule. Expectations with
+severity "warning" are reported without failing the gate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from imageclf.config import ValidateParams
+from imageclf.data.quality import CLASS_COLUMNS, PROBLEM_COLUMNS, Findings, assess
 from imageclf.data.store import Dataset
 
 os.environ.setdefault(
@@ -64,14 +68,77 @@ def metadata_table(dataset: Dataset) -> pd.DataFrame:
     return table
 
 
-def build_suite(dataset: Dataset, cfg: ValidateParams) -> Any:
-    """The expectations every dataset must meet before a model may learn from it."""
+# Why each problem column matters and what to do, for failure messages.
+REMEDIES = {
+    "label_conflict": "keep each of these images under its one right class folder",
+    "train_test_leak": "remove these test images (or their train copies) so the test split "
+    "measures unseen images, or set validate.allow_train_test_duplicates: true",
+    "duplicate": "remove the extra copies",
+    "bad_file": "fix or remove them (they were left out of the dataset)",
+    "tiny": "check they are real examples; validate.min_image_side sets the limit",
+    "odd_aspect": "check they are real examples; validate.max_aspect_ratio sets the limit",
+    "blurry": "check they are usable",
+    "dark": "check they are usable",
+    "too_few": "add images of these classes",
+    "test_imbalance": "evaluate reports balanced accuracy and per-class recall",
+}
+TITLES = {
+    "label_conflict": "label conflicts (one image under two labels)",
+    "train_test_leak": "train/test leakage (test images also in train)",
+    "duplicate": "duplicates within a split",
+    "bad_file": "unusable files",
+    "tiny": "tiny images",
+    "odd_aspect": "odd aspect ratios",
+    "blurry": "blurry images",
+    "dark": "dark images",
+    "imbalance": "class imbalance in train",
+    "test_imbalance": "class imbalance in test",
+    "too_few": "classes with too few images",
+}
+
+
+def image_table(dataset: Dataset, findings: Findings) -> pd.DataFrame:
+    """The per-file findings joined with the facts of the stored arrays (bad files: none)."""
+    facts = metadata_table(dataset).drop(columns=["class_count", "class_share", "in_both_splits"])
+    facts["index"] = facts.groupby("split").cumcount()
+    files = findings.files.drop(columns=["label"], errors="ignore")
+    keep = ["file", "split", "class", "index", *PROBLEM_COLUMNS]
+    table = files[keep].merge(facts, on=["split", "index"], how="left")
+    table[list(PROBLEM_COLUMNS)] = table[list(PROBLEM_COLUMNS)].fillna("")
+    return table.drop(columns=["index"])
+
+
+def class_table(findings: Findings) -> pd.DataFrame:
+    """One row per split and class; problem texts are "" when the class is fine."""
+    table = findings.classes.copy()
+    table[list(CLASS_COLUMNS)] = table[list(CLASS_COLUMNS)].fillna("")
+    return table
+
+
+def _severity(column: str, cfg: ValidateParams, class_balance: str) -> str:
+    if column in ("label_conflict", "too_few"):
+        return "critical"
+    if column == "train_test_leak":
+        return "warning" if cfg.allow_train_test_duplicates else "critical"
+    if column == "imbalance":
+        return "critical" if class_balance == "none" else "warning"
+    return "warning"
+
+
+def build_suites(
+    dataset: Dataset, cfg: ValidateParams, class_balance: str = "none"
+) -> dict[str, Any]:
+    """The expectations every dataset must meet, per table (``images``, ``classes``).
+
+    Problems are text columns that must be empty: a failure lists the texts, which name the
+    files and classes. Severity "warning" is reported but lets the data through.
+    """
     import great_expectations as gx
 
     k = dataset.num_classes
     c, h, w = dataset.meta["image_shape"][2], *dataset.meta["image_shape"][:2]
     e = gx.expectations
-    expectations = [
+    images = [
         e.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(k))),
         e.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(range(k))),
         e.ExpectColumnValuesToBeInSet(column="height", value_set=[h]),
@@ -80,22 +147,27 @@ def build_suite(dataset: Dataset, cfg: ValidateParams) -> Any:
         e.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
         e.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=0, max_value=255),
         e.ExpectColumnValuesToBeBetween(column="pixel_max", min_value=0, max_value=255),
-        e.ExpectColumnValuesToNotBeNull(column="sha1"),
-        e.ExpectColumnValuesToBeBetween(column="class_count", min_value=cfg.min_images_per_class),
-        e.ExpectColumnValuesToBeBetween(
-            column="class_share",
-            min_value=max(0.0, 1 / k - cfg.max_class_share_deviation),
-            max_value=min(1.0, 1 / k + cfg.max_class_share_deviation),
-        ),
     ]
-    if not cfg.allow_train_test_duplicates:
-        expectations.append(
-            e.ExpectColumnValuesToBeInSet(column="in_both_splits", value_set=[False])
+    # A problem column must be empty; GX lists the texts of the rows where it is not.
+    images += [
+        e.ExpectColumnValuesToBeInSet(
+            column=col, value_set=[""], severity=_severity(col, cfg, class_balance)
         )
-    suite = gx.ExpectationSuite(name=SUITE_NAME)
-    for expectation in expectations:
-        suite.add_expectation(expectation)
-    return suite
+        for col in PROBLEM_COLUMNS
+    ]
+    classes = [
+        e.ExpectColumnValuesToBeInSet(
+            column=col, value_set=[""], severity=_severity(col, cfg, class_balance)
+        )
+        for col in CLASS_COLUMNS
+    ]
+    suites = {}
+    for name, expectations in (("images", images), ("classes", classes)):
+        suite = gx.ExpectationSuite(name=f"{SUITE_NAME}_{name}")
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        suites[name] = suite
+    return suites
 
 
 @dataclass
@@ -104,73 +176,128 @@ class ValidationOutcome:
     failures: list[str]
     summary: dict[str, Any]
     data_docs: Path | None
+    warnings: list[str] = field(default_factory=list)
+    findings: Findings | None = None
 
 
-def _describe(result: Any) -> str:
+def _listing(values: list[Any], limit: int = 10) -> str:
+    values = [v for v in dict.fromkeys(values) if v]
+    shown = "; ".join(str(v) for v in values[:limit])
+    more = (
+        f"; and {len(values) - limit} more (see the data quality report)"
+        if len(values) > limit
+        else ""
+    )
+    return shown + more
+
+
+def _describe(result: Any, class_balance: str = "none") -> str:
+    """One line per failed expectation; problem columns list their texts and the remedy."""
     cfg = result.expectation_config
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
     detail = result.result or {}
+    column = kwargs.get("column", "")
+    values = detail.get("unexpected_list") or detail.get("partial_unexpected_list") or []
+    if kwargs.get("value_set") == [""] and column in TITLES:
+        text = (
+            f"{TITLES[column]}: {detail.get('unexpected_count', len(values))}: {_listing(values)}"
+        )
+        if column == "imbalance":
+            rare = [str(v).split(":")[0] for v in values if "under-represented" in str(v)]
+            return (
+                f"{text}. Fix: set train.class_balance: weights (class-weighted loss) or "
+                f"sampler (weighted sampler) in params.yaml, or add images of the rarer "
+                f"classes ({', '.join(rare)}); validate.max_class_share_deviation sets the "
+                "allowed deviation"
+            )
+        return f"{text}. Fix: {REMEDIES[column]}"
     parts = [f"{cfg.type}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"]
     if "unexpected_count" in detail:
-        parts.append(
-            f"{detail['unexpected_count']} rows failed "
-            f"(e.g. {detail.get('partial_unexpected_list', [])[:5]})"
-        )
+        parts.append(f"{detail['unexpected_count']} rows failed (e.g. {_listing(values, 5)})")
     if "observed_value" in detail:
         parts.append(f"observed {detail['observed_value']!r}")
     return ": ".join(parts)
 
 
-def validate_dataset(dataset: Dataset, cfg: ValidateParams, gx_dir: Path) -> ValidationOutcome:
-    """Run the suite through a file-backed GX context so Data Docs land in ``gx_dir``."""
+def _add_checkpoint(context: Any, name: str, suite: Any) -> Any:
     import great_expectations as gx
 
-    table = metadata_table(dataset)
-    context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
     source = context.data_sources.add_or_update_pandas(name="dataset")
     try:
-        asset = source.get_asset("image_metadata")
+        asset = source.get_asset(name)
     except LookupError:
-        asset = source.add_dataframe_asset(name="image_metadata")
+        asset = source.add_dataframe_asset(name=name)
     try:
-        batch = asset.get_batch_definition("all_images")
+        batch = asset.get_batch_definition(f"all_{name}")
     except (KeyError, LookupError):
-        batch = asset.add_batch_definition_whole_dataframe("all_images")
-    suite = context.suites.add_or_update(build_suite(dataset, cfg))
+        batch = asset.add_batch_definition_whole_dataframe(f"all_{name}")
+    suite = context.suites.add_or_update(suite)
     definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name="validate_images", data=batch, suite=suite)
+        gx.ValidationDefinition(name=f"validate_{name}", data=batch, suite=suite)
     )
-    checkpoint = context.checkpoints.add_or_update(
+    return context.checkpoints.add_or_update(
         gx.Checkpoint(
-            name="validate_dataset",
+            name=f"validate_{name}",
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
-            result_format={"result_format": "SUMMARY"},
+            result_format={"result_format": "COMPLETE"},
         )
     )
-    result = checkpoint.run(batch_parameters={"dataframe": table})
-    failures = []
+
+
+def validate_dataset(
+    dataset: Dataset,
+    cfg: ValidateParams,
+    gx_dir: Path,
+    *,
+    folder: Path | None = None,
+    class_balance: str = "none",
+) -> ValidationOutcome:
+    """Run the suites through a file-backed GX context so Data Docs land in ``gx_dir``.
+
+    ``folder`` is the dataset folder (its ``files.csv`` gives folder datasets their per-file
+    checks); ``class_balance`` is train.class_balance, which turns imbalance into a warning.
+    """
+    import great_expectations as gx
+
+    findings = assess(dataset, folder, cfg)
+    tables = {"images": image_table(dataset, findings), "classes": class_table(findings)}
+    context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
+    failures: list[str] = []
+    warnings: list[str] = []
     evaluated = 0
-    for suite_result in result.run_results.values():
-        for item in suite_result.results:
-            evaluated += 1
-            if not item.success:
-                failures.append(_describe(item))
+    for name, suite in build_suites(dataset, cfg, class_balance).items():
+        checkpoint = _add_checkpoint(context, name, suite)
+        result = checkpoint.run(batch_parameters={"dataframe": tables[name]})
+        for suite_result in result.run_results.values():
+            for item in suite_result.results:
+                evaluated += 1
+                if item.success:
+                    continue
+                severity = str(getattr(item.expectation_config, "severity", "critical"))
+                target = warnings if severity.lower().endswith("warning") else failures
+                target.append(_describe(item, class_balance))
     docs = gx_dir / DATA_DOCS_INDEX
+    table = tables["images"]
     summary = {
-        "success": bool(result.success),
+        "success": not failures,
         "expectations": evaluated,
         "failed": len(failures),
         "failures": failures,
+        "warnings": warnings,
         "rows": len(table),
-        "train_images": int((table.split == "train").sum()),
-        "test_images": int((table.split == "test").sum()),
-        "train_test_duplicates": int(table.loc[table.split == "test", "in_both_splits"].sum()),
+        "train_images": len(dataset.train),
+        "test_images": len(dataset.test),
+        "train_test_duplicates": int((table["train_test_leak"] != "").sum()),
         "class_counts": {
-            split: {str(k): int(v) for k, v in group.label.value_counts().sort_index().items()}
-            for split, group in table.groupby("split")
+            split: {
+                str(k): int(v)
+                for k, v in enumerate(np.bincount(s.labels, minlength=dataset.num_classes))
+            }
+            for split, s in (("train", dataset.train), ("test", dataset.test))
         },
+        "problems": findings.counts(),
     }
     return ValidationOutcome(
-        bool(result.success), failures, summary, docs if docs.is_file() else None
+        not failures, failures, summary, docs if docs.is_file() else None, warnings, findings
     )

@@ -40,6 +40,14 @@ class BatchClassification(BaseModel):
     inference_ms: float
 
 
+class ExampleImage(BaseModel):
+    """A test image of the served version that the web page offers to click."""
+
+    index: int
+    label: str = Field(description="its true class")
+    url: str = Field(description="where the page fetches the PNG (relative to /ui/)")
+
+
 class ModelInfo(BaseModel):
     """Which model is served, or why none is."""
 

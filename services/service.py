@@ -11,7 +11,6 @@ overrides the alias. Without such a model the service still starts, reports not-
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import os
 import shutil
@@ -26,18 +25,21 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from imageclf.config import load_params
 from imageclf.paths import get_paths
+from imageclf.registry import download_examples
 from imageclf.serving import (
     AdaptiveBatcher,
+    Example,
     InputError,
     ModelRef,
     ModelUnavailable,
     OnnxClassifier,
     decode_image,
+    encode_png,
+    load_examples,
     resolve_model,
 )
 from imageclf.tracking import tracking_uri
@@ -47,6 +49,7 @@ from services.limits import BodySizeLimit, install_request_timeout
 from services.schemas import (
     BatchClassification,
     Classification,
+    ExampleImage,
     ModelInfo,
     ServedModel,
     TopClass,
@@ -95,13 +98,6 @@ INFERENCE_LATENCY = Histogram(
 )
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """A model-sized uint8 HWC image as PNG (for the prediction log, when images are on)."""
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class ClientError(BentoMLException):
     """A 4xx whose message tells the client what to fix."""
 
@@ -131,6 +127,7 @@ class ImageClassifier:
         self.batcher: AdaptiveBatcher | None = None
         self.served: ServedModel | None = None
         self.counters: list[Any] = []
+        self.examples: list[Example] = []
         self.not_ready_reason = ""
         alias = os.environ.get("IMAGECLF_SERVING_ALIAS", LIMITS.alias)
         try:
@@ -144,6 +141,7 @@ class ImageClassifier:
             )
             # One Prometheus child per class, looked up once instead of per prediction.
             self.counters = [PREDICTIONS.labels(c, self.ref.version) for c in self.model.classes]
+            self.examples = self._load_examples(self.ref)
             log.info("serving %s v%s (@%s)", self.ref.name, self.ref.version, alias)
         except ModelUnavailable as exc:
             self.not_ready_reason = str(exc)
@@ -159,6 +157,23 @@ class ImageClassifier:
         # by per-request allocations stay short instead of stalling requests (tail latency).
         gc.collect()
         gc.freeze()
+
+    @staticmethod
+    def _load_examples(ref: ModelRef) -> list[Example]:
+        """The test images registered with the served version, for the page to offer: they
+        follow the version (its classes, its input size), through promotions and rollbacks.
+        A version without them, or a store that cannot hand them out, costs only the examples."""
+        import mlflow
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = download_examples(
+                    tracking_uri(get_paths()), ref.name, ref.version, Path(tmp)
+                )
+                return load_examples(path) if path is not None else []
+        except (mlflow.exceptions.MlflowException, OSError, ValueError, KeyError) as exc:
+            log.warning("no example images for %s v%s: %s", ref.name, ref.version, exc)
+            return []
 
     def __is_ready__(self) -> bool:
         return self.model is not None
@@ -230,7 +245,7 @@ class ImageClassifier:
                     latency_ms,
                     pixels[i],
                     None if embeddings is None else embeddings[i],
-                    None if images is None else png_bytes(images[i]),
+                    None if images is None else encode_png(images[i]),
                 )
                 for i, k in enumerate(predicted)
             ]
@@ -334,6 +349,28 @@ class ImageClassifier:
         except BentoMLException as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.error_code.value)
         return Response(result.model_dump_json(), media_type="application/json")
+
+    @web.get("/api/examples")
+    def page_examples(self) -> JSONResponse:
+        """The served version's example images: label and where to fetch each one."""
+        examples = [
+            ExampleImage(index=i, label=e.label, url=f"api/examples/{i}").model_dump()
+            for i, e in enumerate(self.examples)
+        ]
+        return JSONResponse({"examples": examples})
+
+    @web.get("/api/examples/{index}")
+    def page_example(self, index: int) -> Response:
+        if not 0 <= index < len(self.examples):
+            return JSONResponse(
+                {"error": f"no example {index}: GET api/examples lists the {len(self.examples)}."},
+                status_code=404,
+            )
+        return Response(
+            self.examples[index].png,
+            media_type="image/png",
+            headers={"Cache-Control": "max-age=3600"},
+        )
 
     @web.get("/api/info")
     def page_info(self) -> JSONResponse:

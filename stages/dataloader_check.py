@@ -1,4 +1,5 @@
-"""Stage dataloader_check: overfit one batch, then pick the fastest loader setting for train."""
+"""Stage dataloader_check: overfit one batch, then pick the fastest loader setting for train
+(measured with train's augmentation and class balance), and time decoding a source file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.engine import seed_everything
 from imageclf.io import write_json
-from imageclf.loader_check import OverfitFailed, loader_grid, overfit_one_batch
+from imageclf.loader_check import (
+    OverfitFailed,
+    augmentation_cost,
+    decode_cost,
+    loader_grid,
+    overfit_one_batch,
+    source_files,
+    why_chosen,
+)
 from imageclf.models import build_model
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
@@ -27,14 +36,31 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         overfit = overfit_one_batch(model, dataset.train, cfg, params.seed)
     except OverfitFailed as exc:
         raise StageError(str(exc)) from exc
-    rows, chosen = loader_grid(dataset.train, params.train.batch_size, cfg, params.seed)
+    train_cfg = params.train
+    balance = train_cfg.class_balance == "sampler"
+    rows, chosen = loader_grid(
+        dataset.train, train_cfg.batch_size, cfg, params.seed, train_cfg.augment, balance
+    )
+    files = source_files(paths.dataset, dataset.meta, cfg.decode_images)
     report = {
         "overfit_initial_loss": overfit["initial_loss"],
         "overfit_final_loss": overfit["final_loss"],
         "overfit_passed": overfit["passed"],
         "best_images_per_second": max(r["images_per_second"] for r in rows),
         "chosen": chosen.as_dict(),
+        "chosen_because": why_chosen(rows, chosen),
         "grid": rows,
+        "image_shape": list(dataset.train.images.shape[1:]),
+        "storage": dataset.meta.get("storage", "memory"),
+        "augmentation": augmentation_cost(
+            dataset.train,
+            train_cfg.batch_size,
+            cfg.throughput_batches,
+            params.seed,
+            train_cfg.augment,
+            balance,
+        ),
+        "decode": decode_cost(files, h, c),
         "overfit_curve": [{"step": i, "loss": loss} for i, loss in enumerate(overfit["curve"])],
     }
     write_json(paths.loader_config, report)

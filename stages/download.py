@@ -2,33 +2,53 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+from PIL import Image
 
 from imageclf.config import Params
 from imageclf.data import fashion_mnist
-from imageclf.data.store import Split, read_imagefolder, stratified_fraction, write_dataset
+from imageclf.data.scan import build_imagefolder_dataset
+from imageclf.data.store import (
+    Split,
+    SplitWriter,
+    dataset_draft,
+    exceeds_budget,
+    finish_dataset,
+    stratified_fraction,
+)
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
 from imageclf.transforms import prepare_image
 
 
-def _resize(split: Split, size: int, channels: int) -> Split:
-    """Bring Fashion-MNIST to another size or to RGB (pretrained models) via the shared code."""
-    from PIL import Image
-
-    if split.images.shape[1:] == (size, size, channels):
-        return split
-    images = np.stack(
-        [prepare_image(Image.fromarray(img[..., 0]), size, channels) for img in split.images]
-    )
-    return Split(images, split.labels)
+def _write_fashion_mnist(
+    params: Params, dest: Path, splits: dict[str, Split], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the IDX arrays, brought to another size or to RGB via the shared preprocessing
+    when params ask for it, streamed to disk when they exceed data.ram_budget_mb."""
+    cfg = params.data
+    shape = (cfg.image_size, cfg.image_size, cfg.channels)
+    on_disk = exceeds_budget(sum(len(s) for s in splits.values()), shape, cfg.ram_budget_mb)
+    with dataset_draft(dest) as tmp:
+        done = {}
+        for name, split in splits.items():
+            writer = SplitWriter(tmp, name, len(split), shape, on_disk)
+            same = split.images.shape[1:] == shape
+            for img, label in zip(split.images, split.labels, strict=True):
+                if not same:
+                    img = prepare_image(Image.fromarray(img[..., 0]), cfg.image_size, cfg.channels)
+                writer.add(img, int(label))
+            done[name] = writer.finish()
+        return finish_dataset(
+            tmp, done["train"], done["test"], meta, "mmap" if on_disk else "memory"
+        )
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
-    """Get the dataset named in params.data and write data/dataset (train/test npz + meta)."""
+    """Get the dataset named in params.data and write data/dataset (arrays + meta)."""
     cfg = params.data
     if cfg.name == "fashion_mnist":
         raw = paths.fashion_mnist_raw
@@ -36,12 +56,24 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             provenance = fashion_mnist.fetch(raw, cfg.sources, timeout=cfg.download_timeout_s)
         except fashion_mnist.DownloadError as exc:
             raise StageError(str(exc)) from exc
-        train = Split(*fashion_mnist.load_split(raw, "train"))
-        test = Split(*fashion_mnist.load_split(raw, "test"))
-        classes = list(fashion_mnist.CLASSES)
-        train = _resize(train, cfg.image_size, cfg.channels)
-        test = _resize(test, cfg.image_size, cfg.channels)
+        splits = {}
+        for name in ("train", "test"):
+            split = Split(*fashion_mnist.load_split(raw, name))
+            splits[name] = split.subset(
+                stratified_fraction(split.labels, cfg.fraction, params.seed)
+            )
         source = {"files": provenance, "md5": {f.name: f.md5 for f in fashion_mnist.FILES}}
+        meta = _write_fashion_mnist(
+            params,
+            paths.dataset,
+            splits,
+            {
+                "name": cfg.name,
+                "classes": list(fashion_mnist.CLASSES),
+                "fraction": cfg.fraction,
+                "source": source,
+            },
+        )
     else:
         if not cfg.imagefolder_root:
             raise StageError(
@@ -49,22 +81,22 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                 "it at a folder with train/<class>/ and test/<class>/ images."
             )
         root = paths.resolve(cfg.imagefolder_root)
-        train, classes = read_imagefolder(root / "train", cfg.image_size, cfg.channels)
-        test, test_classes = read_imagefolder(root / "test", cfg.image_size, cfg.channels)
-        if classes != test_classes:
-            raise StageError(f"train and test class folders differ: {classes} vs {test_classes}.")
-        source = {"imagefolder_root": str(root)}
-        write_json(paths.imagefolder_source, {**source, "classes": classes})
-    train = train.subset(stratified_fraction(train.labels, cfg.fraction, params.seed))
-    test = test.subset(stratified_fraction(test.labels, cfg.fraction, params.seed))
-    meta = write_dataset(
-        paths.dataset,
-        train,
-        test,
-        {"name": cfg.name, "classes": classes, "fraction": cfg.fraction, "source": source},
-    )
-    report = {k: meta[k] for k in ("name", "num_train", "num_test", "train_hash", "test_hash")}
-    report["num_classes"] = len(classes)
+        meta = build_imagefolder_dataset(
+            root,
+            paths.dataset,
+            size=cfg.image_size,
+            channels=cfg.channels,
+            fraction=cfg.fraction,
+            seed=params.seed,
+            on_bad_file=cfg.on_bad_file,
+            ram_budget_mb=cfg.ram_budget_mb,
+        )
+        write_json(paths.imagefolder_source, {**meta["source"], "classes": meta["classes"]})
+    report = {
+        k: meta[k] for k in ("name", "num_train", "num_test", "train_hash", "test_hash", "storage")
+    }
+    report["num_classes"] = len(meta["classes"])
+    report.update(meta.get("quality", {}))
     write_json(paths.download_report, report)
     return report
 

@@ -1,4 +1,5 @@
-"""Stage reference: the training-data summaries that monitoring compares production with."""
+"""Stage reference: the training-data summaries that monitoring compares production with, and
+the few test images the web page offers as examples (both are registered with the model)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
-from imageclf.serving import OnnxClassifier
+from imageclf.serving import OnnxClassifier, pick_examples, save_examples
 from imageclf.stage import main
 from monitoring.reference import build_reference, save_reference
 
@@ -21,9 +22,13 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     model = OnnxClassifier(paths.onnx)
     reference = build_reference(model, dataset.train, params.monitoring.reference_size, params.seed)
     save_reference(reference, paths.reference)
+    test = dataset.test
+    shown = pick_examples(test.labels, params.serving.examples, params.seed)
+    save_examples(paths.examples, test.images[shown], test.labels[shown], model.classes)
     counts = np.bincount(reference["predicted"], minlength=len(model.classes))
     summary = {
         "images": len(reference["predicted"]),
+        "examples": len(shown),
         "embedding_dim": int(reference["embeddings"].shape[1]),
         "mean_confidence": float(reference["confidence"].mean()),
         "train_accuracy_on_sample": float((reference["predicted"] == reference["labels"]).mean()),

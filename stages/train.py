@@ -15,18 +15,71 @@ from typing import Any
 import numpy as np
 
 from imageclf import distributed
+from imageclf.backbones import load_pretrained, pretrained_models
 from imageclf.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
-from imageclf.config import Params
+from imageclf.config import Params, TrainParams
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import load_dataset, split_train_val
 from imageclf.engine import EpochMetrics, seed_everything, set_threads, train_model
 from imageclf.io import write_json
-from imageclf.models import count_parameters
+from imageclf.models import count_parameters, model_contract
 from imageclf.paths import ProjectPaths
 from imageclf.stage import InvalidInput, StageError, main
 from imageclf.tracking import experiment_tags, flatten, git_commit, params_hash, setup_mlflow
 
 log = logging.getLogger(__name__)
+
+
+def channel_statistics(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images in [0, 1], a chunk at a time (no float
+    copy of the whole dataset, which may be memory-mapped from disk)."""
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    count = 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start : start + chunk], dtype=np.float64).reshape(-1, channels)
+        total += block.sum(0)
+        squares += np.square(block).sum(0)
+        count += len(block)
+    mean = total / max(count, 1) / 255.0
+    var = np.maximum(squares / max(count, 1) / 255.0**2 - mean**2, 0.0)
+    std = np.sqrt(var)
+    return [float(m) for m in mean], [float(s) if s > 0 else 1.0 for s in std]
+
+
+def pretrained_kind(cfg: TrainParams) -> str:
+    """What the weights start from, as ModelSpec records it (never a path)."""
+    if cfg.pretrained:
+        return "imagenet" if cfg.pretrained == "imagenet" else "file"
+    return "checkpoint" if cfg.init_from else ""
+
+
+def check_transfer_params(cfg: TrainParams) -> None:
+    """Transfer settings that need starting weights, refused with what to set instead."""
+    if cfg.pretrained and cfg.init_from:
+        raise StageError(
+            "train.pretrained and train.init_from both name starting weights: set one of them "
+            'to "" (pretrained: ImageNet weights; init_from: a checkpoint of this project).'
+        )
+    if cfg.pretrained and cfg.model not in pretrained_models():
+        raise StageError(
+            f"train.pretrained is set, but {cfg.model} has no pretrained weights; models that "
+            f'take them: {pretrained_models()} (train.model), or set train.pretrained: "".'
+        )
+    start = cfg.pretrained or cfg.init_from
+    needs = []
+    if cfg.freeze_epochs:
+        needs.append("train.freeze_epochs")
+    if cfg.transfer == "features":
+        needs.append("train.transfer: features")
+    if cfg.unfreeze == "gradual":
+        needs.append("train.unfreeze: gradual")
+    if needs and not start:
+        raise StageError(
+            f"{', '.join(needs)} needs train.init_from or train.pretrained (freezing random "
+            "features learns nothing)."
+        )
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
@@ -50,8 +103,14 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         dataset.train.labels, params.data.val_fraction, params.seed
     )
     train_split, val_split = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    pixels = train_split.images.astype(np.float32) / 255.0
     c, h, _ = dataset.image_shape
+    check_transfer_params(cfg)
+    contract = model_contract(cfg.model)
+    if cfg.pretrained:  # the statistics the weights were trained with, not this dataset's
+        assert contract.mean is not None and contract.std is not None
+        mean, std = contract.mean, contract.std
+    else:
+        mean, std = channel_statistics(train_split.images)
     spec = ModelSpec(
         name=cfg.model,
         width=cfg.width,
@@ -59,13 +118,30 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         in_channels=c,
         image_size=h,
         classes=tuple(dataset.classes),
-        mean=float(pixels.mean()),
-        std=float(pixels.std() or 1.0),
+        mean=mean,
+        std=std,
+        pretrained=pretrained_kind(cfg),
     )
-    del pixels
     seed_everything(params.seed)  # the initial weights too, not only the data order
-    model = spec.build()
-    if cfg.init_from:
+    try:
+        model = spec.build()
+    except InvalidInput as exc:  # e.g. an ImageNet backbone on grayscale data
+        raise StageError(f"train.model: {exc}") from exc
+    if cfg.pretrained:
+        try:
+            source = load_pretrained(model, cfg.model, cfg.pretrained, paths.root)
+        except InvalidInput as exc:
+            raise StageError(f"train.pretrained: {exc}") from exc
+        log.info("pretrained %s weights from %s", cfg.model, source)
+        if contract.size and abs(h - contract.size) / contract.size > 0.5:
+            log.warning(
+                "%s was pretrained at %d px and trains at %d px (data.image_size): fine-tuning "
+                "adapts it, frozen features (train.transfer: features) suffer most.",
+                cfg.model,
+                contract.size,
+                h,
+            )
+    elif cfg.init_from:
         source = paths.resolve(cfg.init_from)
         if not source.is_file():
             raise StageError(
@@ -82,10 +158,6 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                 f"train.init_from: {source} is not a checkpoint this project wrote ({exc})."
             ) from exc
         log.info("transfer learning: %d feature tensors from %s", copied, source)
-    elif cfg.freeze_epochs:
-        raise StageError(
-            "train.freeze_epochs needs train.init_from (freezing random features learns nothing)."
-        )
     loader = load_loader_settings(paths.loader_config)
     if not distributed.is_main():  # a DDP worker: train its shard, leave the records to rank 0
         train_model(model, train_split, val_split, cfg, seed=params.seed, loader=loader)
@@ -157,6 +229,7 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             "world_size": distributed.world_size(),
         }
         mlflow.log_metrics({"train_seconds": history.seconds, "parameters": result["parameters"]})
+        mlflow.log_dict(spec.input_contract(), "input_contract.json")
     write_json(paths.train_history, history_rows)
     write_json(paths.train_report, result)
     return result

@@ -1,4 +1,4 @@
-"""Stage validate: the Great Expectations suite over the per-image metadata table."""
+"""Stage validate: the Great Expectations gate, plus the data-quality report a person reads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imageclf.config import Params
+from imageclf.data.quality_report import write_reports
 from imageclf.data.store import load_dataset
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
@@ -18,11 +19,24 @@ from imageclf.validation import DATA_DOCS_INDEX, validate_dataset
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Validate data/dataset; on failure keep the last good report and say what failed."""
     dataset = load_dataset(paths.dataset)
+    balance = params.train.class_balance
     docs_dir, failed_dir = paths.validation_docs, paths.validation_failed
     paths.reports.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".validation.", dir=paths.reports))
     try:
-        outcome = validate_dataset(dataset, params.validate_, work)
+        outcome = validate_dataset(
+            dataset, params.validate_, work, folder=paths.dataset, class_balance=balance
+        )
+        assert outcome.findings is not None
+        # Written pass or fail: the page is how a person finds what to fix.
+        write_reports(
+            outcome.findings,
+            dataset,
+            outcome.summary,
+            paths.data_quality_report,
+            paths.data_quality_html,
+            balance,
+        )
         if not outcome.success:
             shutil.rmtree(failed_dir, ignore_errors=True)
             shutil.move(work, failed_dir)
@@ -30,8 +44,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             listing = "\n  - ".join(outcome.failures)
             raise StageError(
                 f"the dataset failed {len(outcome.failures)} of {outcome.summary['expectations']} "
-                f"expectations:\n  - {listing}\nDetails and Data Docs: {failed_dir}. Fix the data "
-                "(or the thresholds in params.yaml validate) and rerun."
+                f"expectations:\n  - {listing}\nThumbnails of every problem: "
+                f"{paths.data_quality_html}; Data Docs: {failed_dir}. Fix the data (or the "
+                "settings named above) and rerun."
             )
         shutil.rmtree(docs_dir, ignore_errors=True)
         shutil.move(work, docs_dir)
@@ -41,6 +56,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     summary = {
         **outcome.summary,
         "data_docs": str((docs_dir / DATA_DOCS_INDEX).relative_to(paths.root)),
+        "data_quality_html": str(paths.data_quality_html.relative_to(paths.root)),
     }
     write_json(paths.validate_report, summary)
     return summary

@@ -20,20 +20,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.serving import phone_photo, small_photo
+from imageclf.config import load_params
 from imageclf.data.store import load_dataset
 from imageclf.local_servers import free_port, start, stop
 from imageclf.paths import ProjectPaths
 from imageclf.registry import promote, register_workspace
 from imageclf.serving import OnnxClassifier
 from imageclf.tracking import tracking_uri
-from stages import benchmark, download, evaluate, export, train
+from stages import benchmark, download, evaluate, export, reference, train
 from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params, write_params
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs dataset-fashion-mnist"),
 ]
-MAX_BYTES = 256 * 1024
+# The served limits are the project's defaults (phone photos must pass them), except a small
+# max_images_per_request that keeps the "too many images" request cheap.
+DEFAULT_LIMITS = load_params(REPO / "params.yaml").serving
+MAX_BYTES = DEFAULT_LIMITS.max_request_bytes
 MAX_IMAGES = 4
 
 
@@ -52,16 +57,12 @@ def champion_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proje
     params = tiny_params(
         data={"fraction": 0.25, "sources": [str(FASHION_MNIST_DIR)]},
         train={"epochs": 3, "width": 8, "batch_size": 128, "lr": 0.1},
-        serving={
-            "max_request_bytes": MAX_BYTES,
-            "max_images_per_request": MAX_IMAGES,
-            "max_image_pixels": 2000 * 2000,
-        },
+        serving={"max_images_per_request": MAX_IMAGES},
         registry={"max_latency_ms": 1000.0},
     )
     write_params(root, params)
     paths = ProjectPaths(root)
-    for stage in (download, train, evaluate, export, benchmark):
+    for stage in (download, train, evaluate, export, benchmark, reference):
         stage.run(params, paths)
     register_workspace(paths, params)
     assert promote(params.registry, tracking=tracking_uri(paths)).promoted
@@ -143,6 +144,47 @@ def test_any_size_and_mode_is_accepted(server, test_images):
     big.save(buf, format="JPEG", quality=95)
     r = httpx.post(f"{server}/classify", files={"image": ("x.jpg", buf.getvalue(), "image/jpeg")})
     assert r.status_code == 200 and r.json()["predictions"][0]["index"] == offline[0]
+
+
+def test_phone_photo_of_several_mb_is_accepted(server, test_images):
+    """A 12-megapixel JPEG straight from a phone, through both upload routes: accepted within
+    the default limits and classified like the same picture at a small size."""
+    photo = phone_photo()
+    assert len(photo) > 3_000_000
+    small = httpx.post(
+        f"{server}/classify",
+        files={"image": ("cat.jpg", small_photo(), "image/jpeg")},
+        data={"top_k": "1"},
+        timeout=60,
+    )
+    r = httpx.post(
+        f"{server}/classify",
+        files={"image": ("IMG_0001.jpg", photo, "image/jpeg")},
+        data={"top_k": "1"},
+        timeout=60,
+    )
+    assert small.status_code == 200 and r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["label"] == small.json()["predictions"][0]["label"]
+    raw = httpx.post(
+        f"{server}/ui/api/classify",
+        content=photo,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    )
+    assert raw.status_code == 200, raw.text
+
+
+def test_examples_of_the_served_version(server, champion_project):
+    """The page's example images are the ones registered with the served version."""
+    listed = httpx.get(f"{server}/ui/api/examples").json()["examples"]
+    classes = httpx.post(f"{server}/model_info", json={}).json()["classes"]
+    assert len(listed) == DEFAULT_LIMITS.examples
+    assert {e["label"] for e in listed} == set(classes)  # 20 examples over 10 classes
+    first = httpx.get(f"{server}/ui/{listed[0]['url']}")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(first.content)).size == (28, 28)
+    missing = httpx.get(f"{server}/ui/api/examples/{len(listed)}")
+    assert missing.status_code == 404 and "api/examples" in missing.json()["error"]
 
 
 def test_batch_and_async(server, test_images):
@@ -250,15 +292,38 @@ def test_not_ready_without_champion_says_why(champion_project):
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
+def rendered(page, selector: str) -> dict[str, float]:
+    """What a person sees of an element: its box on screen, in CSS pixels."""
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not displayed"
+    return box
+
+
+def bar_fractions(page) -> list[tuple[float, float]]:
+    """(drawn fill width / track width, probability) of each result bar, top first."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('#results .bar')].map((bar) => [
+            bar.querySelector('.fill').getBoundingClientRect().width
+              / bar.querySelector('.track').getBoundingClientRect().width,
+            Number(bar.dataset.probability)])"""
+    )
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
-def test_web_page_in_a_real_browser(server, test_images, tmp_path):
-    """Upload a real test image through the page and see its class appear as the top bar."""
+def test_web_page_in_a_real_browser(server, champion_project, test_images, tmp_path):
+    """What a person sees: the upload shown large, bars as long as their probabilities, example
+    images that classify when clicked, and the drawing canvas."""
     from playwright.sync_api import sync_playwright
 
     images, labels, offline = test_images
-    index = int(np.flatnonzero(offline == labels)[0])  # an image the model gets right
+    probs = OnnxClassifier(champion_project.onnx).probabilities(images)
+    right = np.flatnonzero(offline == labels)
+    index = int(right[np.argmax(probs[right].max(1))])  # the most confident right answer
+    assert probs[index].max() >= 0.5
     image_file = tmp_path / "garment.png"
     image_file.write_bytes(png(images[index]))
+    photo_file = tmp_path / "cat.jpg"
+    photo_file.write_bytes(phone_photo(megapixels=2.0))
     classes = httpx.post(f"{server}/model_info", json={}).json()["classes"]
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -273,7 +338,7 @@ def test_web_page_in_a_real_browser(server, test_images, tmp_path):
             ],
         )
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1000, "height": 1200})
             page.goto(f"{server}/ui/")
             page.wait_for_function("document.getElementById('model').dataset.version === '1'")
             page.set_input_files("#file", str(image_file))
@@ -281,6 +346,59 @@ def test_web_page_in_a_real_browser(server, test_images, tmp_path):
             assert page.get_attribute("#results", "data-top") == classes[labels[index]]
             assert len(page.query_selector_all("#results .bar")) == 5
             assert "model v1" in page.inner_text("#timing")
+            # The bars are drawn as long as their probabilities (the top one over half its track).
+            fractions = bar_fractions(page)
+            assert fractions[0][1] == pytest.approx(probs[index].max(), abs=1e-4)
+            assert fractions[0][0] >= 0.5
+            for drawn, probability in fractions:
+                assert drawn == pytest.approx(probability, abs=0.02)
+            # The 28x28 upload fills the preview (10x, sharp pixels), not a 28-pixel speck.
+            page.wait_for_function("document.querySelector('#drop img').style.width !== ''")
+            shown = rendered(page, "#drop img")
+            assert shown["width"] >= 250 and shown["height"] >= 250
+            assert (
+                page.eval_on_selector("#drop img", "e => getComputedStyle(e).imageRendering")
+                == "pixelated"
+            )
+            # A photo is fitted with its aspect ratio kept, and smoothed.
+            page.set_input_files("#file", str(photo_file))
+            page.wait_for_function(
+                "document.querySelector('#drop img') && "
+                "document.querySelector('#drop img').naturalWidth > 1000 && "
+                "document.querySelector('#drop img').style.width !== ''"
+            )
+            page.wait_for_selector("#results[data-top]", timeout=30000)
+            photo = Image.open(photo_file)
+            shown = rendered(page, "#drop img")
+            assert shown["width"] >= 250
+            assert shown["width"] / shown["height"] == pytest.approx(
+                photo.width / photo.height, rel=0.02
+            )
+            assert (
+                page.eval_on_selector("#drop img", "e => getComputedStyle(e).imageRendering")
+                != "pixelated"
+            )
+            # The served version's examples: click one, it is shown large and classified.
+            page.wait_for_function(
+                f"document.querySelectorAll('#examples .example').length === "
+                f"{DEFAULT_LIMITS.examples}"
+            )
+            thumb = rendered(page, "#examples .example img")
+            assert thumb["width"] >= 48  # a thumbnail a person can see and click
+            example = page.locator("#examples .example").nth(3)
+            truth = example.get_attribute("data-label")
+            assert truth in classes
+            page.evaluate("document.getElementById('results').removeAttribute('data-top')")
+            example.click()
+            page.wait_for_selector("#results[data-top]", timeout=15000)
+            assert page.get_attribute("#results", "data-top") in classes
+            assert truth in page.inner_text("#truth")
+            page.wait_for_function(
+                "document.querySelector('#drop img').naturalWidth === 28 && "
+                "document.querySelector('#drop img').style.width !== ''"
+            )
+            assert rendered(page, "#drop img")["width"] >= 250
+            assert bar_fractions(page)[0][0] == pytest.approx(bar_fractions(page)[0][1], abs=0.02)
             # Draw on the canvas and classify the drawing: some class comes back.
             box = page.locator("canvas").bounding_box()
             page.mouse.move(box["x"] + 60, box["y"] + 60)
@@ -291,7 +409,7 @@ def test_web_page_in_a_real_browser(server, test_images, tmp_path):
             page.click("#classify-drawing")
             page.wait_for_selector("#results[data-top]", timeout=15000)
             assert page.get_attribute("#results", "data-top") in classes
-            page.screenshot(path=str(tmp_path / "page.png"))
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             browser.close()
 
@@ -361,22 +479,26 @@ def test_load_benchmark_runs_every_target(champion_project, tmp_path):
     out = tmp_path / "bench.md"
     env = {**os.environ, "IMAGECLF_ROOT": str(champion_project.root), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "benchmarks.serving", "--duration", "1", "--concurrency", "4"]
+    cmd += ["--images", "test", "photo224", "photo12mp"]
     done = subprocess.run(
         [*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = out.read_text()
-    rows = [line.split("|") for line in report.splitlines() if line.startswith("| ")]
-    served = {r[1].strip(): r for r in rows if r[2].strip() == "4"}
-    for target in (
-        "bentoml /classify (multipart)",
-        "bentoml /ui/api/classify (raw body)",
-        "baseline FastAPI /classify",
-        "baseline FastAPI x2 workers /classify",
-        "baseline FastAPI /noop (HTTP ceiling)",
-    ):
-        assert float(served[target][3]) > 0 and served[target][7].strip() == "0", target
+    rows = [[c.strip() for c in line.split("|")] for line in report.splitlines()]
+    served = {(r[1], r[2]): r for r in rows if len(r) == 11 and r[3] == "4"}
+    for image in ("test", "photo224", "photo12mp"):
+        for target in (
+            "bentoml /classify (multipart)",
+            "bentoml /ui/api/classify (raw body)",
+            "baseline FastAPI /classify",
+            "baseline FastAPI x2 workers /classify",
+            "baseline FastAPI /noop (HTTP ceiling)",
+        ):
+            row = served[target, image]
+            assert float(row[4]) > 0 and row[8] == "0", (target, image)
     assert "onnxruntime in-process, batch 64" in report
+    assert "decode + preprocess photo12mp" in report
 
 
 def test_stopping_the_service_writes_the_last_predictions(champion_project, test_images):

@@ -11,17 +11,28 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.serving import phone_photo, small_photo
 from imageclf.config import load_params
 from imageclf.export import export_onnx
-from imageclf.models import build_model
+from imageclf.models import ServingGraph, build_model
 from imageclf.serving import (
     AdaptiveBatcher,
     InputError,
     OnnxClassifier,
     classify_files,
     decode_image,
+    encode_png,
+    load_examples,
+    pick_examples,
+    save_examples,
 )
+from monitoring.drift import Thresholds, detect
+from monitoring.features import pixel_features
+from monitoring.prediction_log import PredictionLog
+from monitoring.reference import build_reference
 from tests.conftest import REPO, synthetic_split
+
+DEFAULTS = load_params(REPO / "params.yaml")
 
 LIMITS = load_params(REPO / "params.yaml").serving.model_copy(
     update={"max_request_bytes": 50_000, "max_image_pixels": 1_000_000}
@@ -120,3 +131,88 @@ def test_classify_files_reports_unreadable_files(classifier, tmp_path: Path):
     rows = classify_files(classifier, [good, bad], LIMITS, top_k=2)
     assert rows[0]["error"] == "" and rows[0]["label_1"] in "abcd" and "label_2" in rows[0]
     assert "not an image" in rows[1]["error"]
+
+
+def test_phone_photos_pass_the_default_limits_and_decode_to_the_model_size():
+    """A 12-megapixel phone JPEG of several MB is normal input, not an abuse of the limits."""
+    photo = phone_photo()
+    assert 3_000_000 < len(photo) <= DEFAULTS.serving.max_request_bytes
+    with Image.open(io.BytesIO(photo)) as opened:
+        assert opened.width * opened.height >= 11_900_000
+        assert opened.width * opened.height <= DEFAULTS.serving.max_image_pixels
+    out = decode_image(photo, DEFAULTS.serving, 224, 3)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # The same picture as the small photo made from the same cat (both centre-cropped): the
+    # reduced-scale decoding of the big one changes pixels, never what the image shows.
+    small = decode_image(small_photo(), DEFAULTS.serving, 224, 3)
+    assert np.abs(out.astype(np.int16) - small.astype(np.int16)).mean() < 12
+    assert 30_000 <= len(small_photo()) <= 60_000  # the benchmark's photo-sized case
+
+
+@pytest.fixture(scope="module")
+def rgb_classifier(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
+    """An RGB model exported as the export stage does: logits and the embedding."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rgb") / "rgb.onnx"
+    export_onnx(
+        ServingGraph(build_model("resnet_small", 4, 3, 4).eval(), tta_flip=False),
+        path,
+        (3, 12, 12),
+        metadata={
+            "classes": '["a", "b", "c", "d"]',
+            "input": '{"height": 12, "width": 12, "channels": 3}',
+        },
+    )
+    return OnnxClassifier(path)
+
+
+def test_monitoring_keeps_reference_and_embeddings_for_rgb_models(rgb_classifier, tmp_path):
+    """The service's monitoring path with 3-channel inputs: reference, logged rows (summaries,
+    embeddings, the image itself) and the drift verdict all work as for grayscale."""
+    model = rgb_classifier
+    train = synthetic_split(60, size=12, channels=3, seed=3)
+    reference = build_reference(model, train, 200, seed=0)
+    dim = reference["embeddings"].shape[1]
+    assert reference["pixels"].shape == (200, 7) and reference["embeddings"].shape == (200, dim)
+
+    def served_window(images: np.ndarray) -> dict:
+        """Upload each image as a PNG, decode it as the service does, log it, read it back."""
+        log = PredictionLog(tmp_path / f"log-{len(list(tmp_path.iterdir()))}.sqlite")
+        batch = np.stack([decode_image(encode(Image.fromarray(i)), LIMITS, 12, 3) for i in images])
+        probs, embeddings = model.predict(batch)
+        pixels = pixel_features(batch)
+        log.append(
+            [
+                PredictionLog.row(
+                    0.0, "1", int(p.argmax()), "a", float(p.max()), 1.0, px, e, encode_png(img)
+                )
+                for p, px, e, img in zip(probs, pixels, embeddings, batch, strict=True)
+            ]
+        )
+        window = log.read_window()
+        assert window["embeddings"].shape == (len(images), dim)
+        logged = np.asarray(Image.open(io.BytesIO(window["images"][0])))
+        np.testing.assert_array_equal(logged, batch[0])  # RGB, not flattened to gray
+        return window
+
+    same = served_window(synthetic_split(30, size=12, channels=3, seed=4).images)
+    thresholds = Thresholds.from_params(DEFAULTS.monitoring.model_copy(update={"min_window": 100}))
+    assert not detect(reference, same, thresholds).drift
+    # Colour-shifted inputs (a red cast): the summaries and embeddings see it.
+    shifted = synthetic_split(30, size=12, channels=3, seed=4).images.copy()
+    shifted[..., 0] = 255
+    verdict = detect(reference, served_window(shifted), thresholds)
+    assert verdict.drift and verdict.reasons
+
+
+def test_examples_spread_over_classes_and_round_trip(tmp_path):
+    labels = np.repeat(np.arange(4), [10, 1, 5, 5])
+    picked = pick_examples(labels, 6, seed=0)
+    assert sorted(labels[picked[:4]].tolist()) == [0, 1, 2, 3]  # each class once first
+    assert len(picked) == 6 and len(set(picked.tolist())) == 6
+    assert len(pick_examples(labels, 100, seed=0)) == len(labels)
+    images = synthetic_split(2, size=12, channels=3).images[:6]
+    save_examples(tmp_path / "examples.npz", images, labels[picked], ["a", "b", "c", "d"])
+    loaded = load_examples(tmp_path / "examples.npz")
+    assert [e.label for e in loaded] == ["abcd"[k] for k in labels[picked]]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(loaded[2].png))), images[2])

@@ -52,6 +52,9 @@ def test_chain_of_stages_produces_consistent_outputs(trained):
     assert (paths.reports / "plots" / "confusion_matrix.png").stat().st_size > 1000
     run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
     assert run.data.metrics["test_accuracy"] == pytest.approx(report["test_accuracy"])
+    assert run.data.metrics["balanced_accuracy"] == pytest.approx(report["balanced_accuracy"])
+    assert report["tta_flip"] and "test_accuracy_no_tta" in report  # the default policy flips
+    assert paths.error_analysis_html.is_file() and paths.top_losses_plot.is_file()
 
     prof = profile.run(params, paths)
     assert 0.0 <= prof["data_wait_share"] <= 1.0 and prof["top_ops"]
@@ -167,11 +170,11 @@ def run(params, paths):
     if failure == "stage_error":
         raise StageError("data.fraction leaves no image of class a: raise it.")
     if failure == "invalid_input":  # the library's own check of an ImageFolder
-        from imageclf.data.store import read_imagefolder
+        from imageclf.data.scan import list_imagefolder
 
         empty = Path(os.environ["EMPTY_DIR"])
-        empty.mkdir(exist_ok=True)
-        read_imagefolder(empty, 12, 1)
+        (empty / "train").mkdir(parents=True, exist_ok=True)
+        list_imagefolder(empty)
     if failure == "download_error":
         from imageclf.data.fashion_mnist import fetch
 

@@ -42,7 +42,18 @@ def write_reports(paths: ProjectPaths, int8_kept: bool = True) -> None:
         },
     )
     write(
-        paths.evaluate_report, {"test_accuracy": 0.93, "num_test_images": 10000, "tta_flip": True}
+        paths.evaluate_report,
+        {
+            "test_accuracy": 0.93,
+            "balanced_accuracy": 0.9123,
+            "worst_recall": 0.78,
+            "worst_recall_class": "Shirt",
+            "num_test_images": 10000,
+            "tta_flip": True,
+            "class_balance": "none",
+            "uniform_train_share": 0.1,
+            "rare_classes": {},
+        },
     )
     write(
         paths.optimize_report,
@@ -67,6 +78,8 @@ def write_reports(paths: ProjectPaths, int8_kept: bool = True) -> None:
     paths.onnx_int8.write_bytes(b"x" * 1024)
     paths.plots.mkdir(parents=True, exist_ok=True)
     paths.confusion_matrix_plot.write_bytes(b"png")
+    paths.error_analysis_html.write_text("<html>")
+    paths.data_quality_html.write_text("<html>")
     docs = "reports/validation/index.html"
     (paths.root / docs).parent.mkdir(parents=True, exist_ok=True)
     (paths.root / docs).write_text("<html>")
@@ -91,6 +104,8 @@ def test_summary_answers_each_question_from_the_reports(paths, default_params):
     }
     text = printed(paths, default_params, lambda params, paths_: status)
     assert "0.9300 (10000 test images, with flip TTA)" in text
+    assert "0.9123 (worst recall: Shirt 0.7800)" in text
+    assert "no rare class; class_balance: none" in text
     assert "12 epochs in 5 min 13 s (resnet_small, 116,602 parameters)" in text
     assert "ONNX 2.0 KiB, INT8 1.0 KiB (kept, 2.21x faster)" in text
     assert "imageclf-classifier v2 (challenger v3, 3 versions)" in text
@@ -99,6 +114,7 @@ def test_summary_answers_each_question_from_the_reports(paths, default_params):
     assert "p50 latency, ms (2 threads)" in text
     assert "reports/*.json (5 files" in text
     assert "reports/plots/confusion_matrix.png" in text
+    assert "reports/errors.html" in text and "reports/data_quality.html" in text
     assert "reports/validation/index.html" in text
     assert max(len(line) for line in text.splitlines()) <= 120  # readable, not one wide row
 
@@ -172,3 +188,36 @@ def test_sizes_come_from_the_reports_when_the_models_are_not_checked_out(paths, 
     write(paths.optimize_report, {"int8_kept": True, "int8_static": {"int8_bytes": 192884}})
     text = printed(paths, default_params, None)
     assert "ONNX 522.2 KiB as recorded, INT8 188.4 KiB as recorded (kept)" in text
+
+
+def test_a_rare_class_is_named_with_its_numbers_and_the_balancing_used(paths, default_params):
+    write_reports(paths)
+    report = json.loads(paths.evaluate_report.read_text())
+    report.update(
+        class_balance="sampler",
+        rare_classes={
+            "seven": {"train_images": 75, "train_share": 0.0203, "test_recall": 0.61},
+            "one": {"train_images": 1, "train_share": 0.0003},
+        },
+    )
+    write(paths.evaluate_report, report)
+    text = " ".join(printed(paths, default_params, None).split())
+    assert (
+        "rare classes seven: 75 train images, 2.0% of train, expected about 10%, "
+        "test recall 0.61; one: 1 train image, <0.1% of train, expected about 10%. "
+        "class_balance: sampler"
+    ) in text
+    report.update(class_balance="none", rare_classes={"seven": report["rare_classes"]["seven"]})
+    write(paths.evaluate_report, report)
+    text = " ".join(printed(paths, default_params, None).split())
+    assert "rare class seven: 75 train images" in text
+    assert "class_balance: none (nothing compensated: try train.class_balance weights" in text
+
+
+def test_an_older_evaluate_report_says_to_rerun_for_balanced_accuracy(paths, default_params):
+    write_reports(paths)
+    write(paths.evaluate_report, {"test_accuracy": 0.93, "num_test_images": 10000})
+    text = " ".join(printed(paths, default_params, None).split())
+    assert "0.9300 (10000 test images)" in text
+    assert "not in reports/evaluate.json (an older evaluate): rerun `dvc repro evaluate`" in text
+    assert "class_balance not recorded; rare classes not in reports/evaluate.json" in text

@@ -3,6 +3,7 @@ probe on frozen features, then fine-tuning."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,183 @@ def test_train_stage_uses_init_from_and_refuses_freezing_without_it(project, sou
     with pytest.raises(StageError, match="not a checkpoint this project wrote"):
         train.run(tiny_params(train={"init_from": str(garbage)}), project)
     assert project.checkpoint.read_bytes() == before  # the trained model is still there
+
+
+# ------------------------------------------------------------- ImageNet-style transfer learning
+def pretrained_resnet(source_checkpoint) -> torch.nn.Module:
+    """A 3-class resnet_small whose features come from the source checkpoint."""
+    path, _ = source_checkpoint
+    model = build_model("resnet_small", num_classes=3, in_channels=1, width=8, image_size=12)
+    load_pretrained_features(model, path)
+    return model
+
+
+def snapshots(model: torch.nn.Module, cfg, split) -> list[dict[str, torch.Tensor]]:
+    """The model's state before training and after every epoch."""
+    states = [state(model)]
+    train_model(
+        model, split, None, cfg, seed=0, progress=False,
+        on_epoch_end=lambda _m, model_, _o: states.append(state(model_)),
+    )  # fmt: skip
+    return states
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_discriminative_learning_rates_per_layer_group(source_checkpoint):
+    from imageclf.engine import make_optimizer, make_scheduler
+    from imageclf.transfer import TransferPlan
+
+    model = pretrained_resnet(source_checkpoint)
+    cfg = tiny_params(train={"lr": 0.1, "layer_lr_decay": 0.5, "weight_decay": 0.01}).train
+    plan = TransferPlan.for_model(model, cfg, pretrained=False)
+    plan.prepare()
+    optimizer = make_optimizer(model, cfg, plan)
+    make_scheduler(optimizer, cfg, total_steps=100)  # OneCycle keeps the ratios
+    depth_of = {}
+    for group in optimizer.param_groups:
+        assert group["max_lr"] == pytest.approx(0.1 * 0.5 ** group["depth"])
+        for p in group["params"]:
+            depth_of[id(p)] = group["depth"]
+            assert group["weight_decay"] == (0.01 if p.ndim > 1 else 0.0)  # no decay on norm/bias
+    body = model[-1]
+    assert len(depth_of) == sum(1 for _ in model.parameters())  # every parameter, once
+    assert depth_of[id(body[-1].weight)] == 0  # the classifier learns at train.lr
+    assert depth_of[id(body[4].body[0][0].weight)] == 1  # the top block
+    assert depth_of[id(body[0][0].weight)] == 5  # the stem, lowest
+
+
+def test_gradual_unfreezing_adds_one_group_per_epoch_from_the_top(source_checkpoint, tmp_path):
+    model = pretrained_resnet(source_checkpoint)
+    path, _ = source_checkpoint
+    cfg = tiny_params(
+        train={
+            "epochs": 3, "freeze_epochs": 1, "unfreeze": "gradual", "freeze_bn": False,
+            "batch_size": 16, "init_from": str(path), "optimizer": "adamw", "lr": 0.01,
+        }
+    ).train  # fmt: skip
+    states = snapshots(model, cfg, synthetic_split(12, num_classes=3))
+    # body children: 0 stem, 1 conv, 2 residual, 3 conv, 4 residual (top), 7 classifier
+    learned = [
+        [changed(states[e - 1], states[e], f"1.{i}.") for i in (0, 1, 2, 3, 4, 7)]
+        for e in (1, 2, 3)
+    ]
+    assert learned[0] == [False, False, False, False, False, True]  # the head only
+    assert learned[1] == [False, False, False, False, True, True]  # + the top group
+    assert learned[2] == [False, False, False, True, True, True]  # + the next one
+    assert all(p.requires_grad for p in model.parameters())  # released after training
+
+
+def test_frozen_batch_norm_keeps_its_statistics_and_affine_while_convs_learn(source_checkpoint):
+    path, _ = source_checkpoint
+    split = synthetic_split(12, num_classes=3)
+    for freeze_bn in (True, False):
+        model = pretrained_resnet(source_checkpoint)
+        cfg = tiny_params(
+            train={"epochs": 1, "batch_size": 16, "init_from": str(path), "freeze_bn": freeze_bn}
+        ).train
+        before, after = snapshots(model, cfg, split)
+        bn = [k for k in before if k.startswith("1.") and ".1." in k and "running" in k]
+        convs = [k for k in before if k.endswith("0.weight") and before[k].ndim == 4]
+        assert bn and convs
+        assert any(not torch.equal(before[k], after[k]) for k in convs)  # the backbone learns
+        bn_moved = [k for k in before if ("running" in k or ".1.weight" in k or ".1.bias" in k)]
+        moved = any(not torch.equal(before[k], after[k]) for k in bn_moved if k.startswith("1."))
+        assert moved != freeze_bn, f"freeze_bn={freeze_bn}"
+
+
+def test_feature_extraction_computes_features_once_and_trains_only_the_head(source_checkpoint):
+    model = pretrained_resnet(source_checkpoint)
+    path, _ = source_checkpoint
+    calls = []
+    model[0].register_forward_hook(lambda _m, inputs, _o: calls.append(len(inputs[0])))
+    cfg = tiny_params(
+        train={"epochs": 4, "batch_size": 8, "transfer": "features", "init_from": str(path)}
+    ).train
+    train_split, val_split = synthetic_split(10, num_classes=3), synthetic_split(3, num_classes=3)
+    before = state(model)
+    history = train_model(model, train_split, val_split, cfg, seed=0, progress=False)
+    assert sum(calls) == len(train_split) + len(val_split)  # each image once, not once an epoch
+    assert len(history.epochs) == 4 and history.final.val_accuracy is not None
+    after = state(model)
+    assert not changed(before, after, "0.") and not changed(before, after, "1.0.")
+    assert not any(changed(before, after, f"1.{i}.") for i in range(5)), "the backbone moved"
+    assert changed(before, after, "1.7.")  # the new head learned
+    assert history.final.train_loss < history.epochs[0].train_loss
+
+
+@pytest.fixture
+def rgb_project(project):
+    """The project fixture with a tiny RGB dataset (32x32: Lite0's five stride-2 stages fit)."""
+    from imageclf.data.store import write_dataset
+
+    rng = np.random.default_rng(0)
+    train_split = synthetic_split(12, size=32, seed=1, channels=3)
+    train_split.images[..., 0] //= 2  # channels with different statistics
+    train_split.images[..., 2] = rng.integers(100, 200, train_split.images.shape[:3])
+    meta = {"name": "synthetic", "classes": ["a", "b", "c", "d"], "fraction": 1.0, "source": {}}
+    write_dataset(
+        project.dataset, train_split, synthetic_split(4, size=32, seed=2, channels=3), meta
+    )
+    return project
+
+
+def test_train_stage_feature_extraction_on_imagenet_lite0(rgb_project):
+    from imageclf.backbones import lite0_packaged_weights, read_state_dict
+    from imageclf.checkpoint import load_checkpoint
+    from imageclf.models import IMAGENET_MEAN
+
+    params = tiny_params(
+        train={
+            "model": "efficientnet_lite0", "pretrained": "imagenet", "transfer": "features",
+            "epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.01,
+        }
+    )  # fmt: skip
+    assert train.run(params, rgb_project)["epochs"] == 2
+    model, spec, _ = load_checkpoint(rgb_project.checkpoint)
+    assert spec.pretrained == "imagenet" and spec.mean == IMAGENET_MEAN  # the weights' contract
+    imagenet = read_state_dict(lite0_packaged_weights())
+    body = model[-1]
+    assert torch.equal(body.stem.conv.weight, imagenet["_conv_stem.weight"])  # loaded, frozen
+    assert torch.equal(body.head.bn.running_var, imagenet["_bn1.running_var"])
+    assert body.classifier.out_features == 4
+
+
+def test_train_stage_refuses_transfer_settings_it_cannot_honour(rgb_project, source_checkpoint):
+    path, _ = source_checkpoint
+    with pytest.raises(StageError, match="ships no weights here"):
+        train.run(
+            tiny_params(train={"model": "tv_resnet18", "pretrained": "imagenet"}), rgb_project
+        )
+    with pytest.raises(StageError, match="both name starting weights"):
+        train.run(
+            tiny_params(train={"pretrained": "imagenet", "init_from": str(path)}), rgb_project
+        )
+    with pytest.raises(StageError, match=r"features needs train\.init_from or train\.pretrained"):
+        train.run(tiny_params(train={"transfer": "features"}), rgb_project)
+    with pytest.raises(StageError, match="has no pretrained weights"):
+        train.run(tiny_params(train={"pretrained": "imagenet"}), rgb_project)
+
+
+def test_imagenet_backbone_on_grayscale_data_says_to_set_channels(project):
+    params = tiny_params(train={"model": "efficientnet_lite0", "pretrained": "imagenet"})
+    with pytest.raises(StageError, match=r"data\.channels: 3"):
+        train.run(params, project)
+
+
+def test_from_scratch_models_normalise_with_per_channel_dataset_statistics(rgb_project):
+    from imageclf.checkpoint import load_checkpoint
+    from imageclf.data.store import load_dataset, split_train_val
+
+    train.run(tiny_params(), rgb_project)
+    _, spec, _ = load_checkpoint(rgb_project.checkpoint)
+    dataset = load_dataset(rgb_project.dataset)
+    index, _ = split_train_val(dataset.train.labels, 0.1, 42)
+    pixels = dataset.train.images[index].reshape(-1, 3) / 255.0
+    assert spec.mean == pytest.approx(tuple(pixels.mean(0)), abs=1e-6)
+    assert spec.std == pytest.approx(tuple(pixels.std(0)), abs=1e-6)
+    assert len(set(spec.mean)) == 3

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from imageclf.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from imageclf.models import FlipTTA, available_models, build_model, fold_batchnorm
+from imageclf.models import (
+    FlipTTA,
+    available_models,
+    build_model,
+    fold_batchnorm,
+    model_contract,
+)
 from imageclf.transforms import prepare_image, random_augment, to_model_input
 
 
@@ -50,6 +56,47 @@ def test_exif_rotation_is_applied():
         assert corner.max() < 55, out
 
 
+def test_non_square_images_are_centre_cropped_not_squashed():
+    """A photo's shapes must keep their proportions: the shorter side is resized and the
+    centre square kept. Three squares side by side, black | white | grey: squashing the strip
+    into a square would show all three; the centre crop shows only the white one."""
+    strip = np.zeros((20, 60), np.uint8)
+    strip[:, 20:40], strip[:, 40:] = 255, 128
+    for image in (Image.fromarray(strip), Image.fromarray(strip.T.copy())):  # wide and tall
+        assert (prepare_image(image, 20, 1) == 255).all()  # same scale: exactly the centre
+        smaller = prepare_image(image, 8, 3)  # resampling blends the border pixels a little
+        assert smaller.shape == (8, 8, 3) and smaller[1:-1, 1:-1].min() >= 250
+        assert smaller.min() > 200  # a squashed strip would be a third black
+
+
+def test_square_images_are_resized_exactly_as_before():
+    """Fashion-MNIST (28x28, and any square image) gets the very pixels it always did."""
+    rng = np.random.default_rng(0)
+    square = Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8))
+    expected = square.resize((28, 28), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    np.testing.assert_array_equal(prepare_image(square, 28, 1)[..., 0], np.asarray(expected))
+    fashion = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    np.testing.assert_array_equal(prepare_image(Image.fromarray(fashion), 28, 1)[..., 0], fashion)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_result():
+    """A phone photo is decoded at 1/8 scale (Image.draft) when that still leaves the model's
+    size: the decoder does an eighth of the work, and the prepared image barely changes."""
+    y, x = np.mgrid[0:1200, 0:1600]
+    photo = np.stack([x * 255 // 1600, y * 255 // 1200, (x + y) * 255 // 2800], -1)
+    buf = io.BytesIO()
+    Image.fromarray(photo.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    with Image.open(buf) as lazy:
+        drafted = prepare_image(lazy, 96, 3)
+        assert lazy.size == (200, 150)  # decoded at 1/8 scale, still above 96 pixels
+    with Image.open(buf) as full:
+        full.load()  # decoded pixels: draft cannot apply
+        reference = prepare_image(full, 96, 3)
+        assert full.size == (1600, 1200)
+    assert drafted.shape == reference.shape == (96, 96, 3)
+    assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 2.0
+
+
 def test_model_input_contract():
     batch = np.full((3, 5, 5, 1), 255, np.uint8)
     x = to_model_input(batch)
@@ -71,8 +118,9 @@ def test_random_augment_shifts_and_flips_within_bounds():
 
 @pytest.mark.parametrize("name", available_models())
 def test_every_registered_model_trains_one_step(name):
-    model = build_model(name, num_classes=5, in_channels=1, width=8)
-    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    channels = model_contract(name).channels or 1  # ImageNet backbones take RGB
+    model = build_model(name, num_classes=5, in_channels=channels, width=8, image_size=32)
+    x, y = torch.rand(4, channels, 32, 32), torch.tensor([0, 1, 2, 3])
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

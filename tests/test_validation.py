@@ -53,9 +53,27 @@ def test_bad_dataset_fails_with_each_problem_named(tmp_path):
     outcome = validate_dataset(make_dataset(train, test), CFG, tmp_path)
     assert not outcome.success
     text = "\n".join(outcome.failures)
-    assert "in_both_splits" in text
-    assert "class_share" in text
+    # Images without files are named by split and position, with their class.
+    assert "train/test leakage" in text and "test[0] (a) is also in train" in text
+    assert "train[0] (a)" in text
+    assert "class imbalance in train" in text and "d: 9 train images" in text
     assert "column='label'" in text and "7" in text
+
+
+def test_label_conflict_and_imbalance_remedy_for_arrays(tmp_path):
+    train, test = synthetic_split(10, seed=1), synthetic_split(3, seed=2)
+    train.images[12] = train.images[3]  # class b's image 2 is class a's image 3
+    outcome = validate_dataset(make_dataset(train, test), CFG, tmp_path)
+    text = "\n".join(outcome.failures)
+    assert "label conflicts" in text
+    assert "train[12] (b) is the same image (exact) as train[3] (a)" in text
+    balanced = validate_dataset(
+        make_dataset(synthetic_split(10, seed=1), test),
+        CFG,
+        tmp_path / "b",
+        class_balance="weights",
+    )
+    assert balanced.success, balanced.failures
 
 
 def test_validate_stage_keeps_last_good_report_on_failure(project):
@@ -66,7 +84,7 @@ def test_validate_stage_keeps_last_good_report_on_failure(project):
     ds = load_dataset(project.dataset)
     ds.test.images[:] = ds.train.images[: len(ds.test)]  # every test image leaks from train
     write_dataset(project.dataset, ds.train, ds.test, ds.meta)
-    with pytest.raises(StageError, match="in_both_splits") as err:
+    with pytest.raises(StageError, match="train/test leakage") as err:
         validate_stage.run(params, project)
     assert "validation-failed" in str(err.value)
     assert (project.reports / "validate.json").read_bytes() == report

@@ -1,31 +1,37 @@
 """The canonical dataset every stage after ``download`` reads.
 
 Whatever the source (Fashion-MNIST IDX files, an ImageFolder tree), ``download`` writes the same
-thing: ``train.npz`` and ``test.npz`` (``images`` uint8 N×H×W×C, ``labels`` int64) and
-``meta.json`` (class names, shape, provenance, content hashes). Later stages never care where
-the images came from, which is what makes "any ImageFolder dataset" work.
+thing: ``<split>_images.npy`` (uint8 N×H×W×C, uncompressed) and ``<split>_labels.npy`` (int64)
+for ``train`` and ``test``, ``meta.json`` (class names, shape, provenance, content hashes, how to
+load it) and, for folder datasets, ``files.csv`` plus ``files_thumbs.npy``: one row per source
+file with what the quality gate needs. Later stages never care where the images came from.
+
+Uncompressed ``.npy`` is what makes large datasets work: a dataset whose decoded images exceed
+``data.ram_budget_mb`` is written straight to disk while it is decoded and opened with
+``mmap_mode="r"``, so the train loader's workers read it page by page instead of holding it in
+RAM; small ones are loaded whole (the fast path). Either way ``split.images`` is an ndarray.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from imageclf.io import atomic_dir, read_json, write_json
-from imageclf.stage import InvalidInput
-from imageclf.transforms import prepare_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
 class Split:
-    """One split held in memory: uint8 images (N, H, W, C) and int64 labels (N,)."""
+    """One split: uint8 images (N, H, W, C), in RAM or memory-mapped, and int64 labels (N,)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -34,7 +40,49 @@ class Split:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Split:
+        """The rows ``index``: copied when in RAM, a :class:`RowView` of a memory map (indexing a
+        memory map copies, which would pull a dataset over the RAM budget into memory)."""
+        index = np.asarray(index, dtype=np.int64)
+        if isinstance(self.images, np.memmap | RowView):
+            return Split(RowView(self.images, index), self.labels[index])
         return Split(self.images[index], self.labels[index])
+
+
+class RowView:
+    """Rows ``index`` of a memory-mapped image array, read only when indexed.
+
+    Enough of the ndarray interface for the loaders and stages (``len``, ``shape``, ``dtype``,
+    indexing with an int, a slice or an index array, each returning an ndarray in RAM).
+    """
+
+    def __init__(self, base: np.ndarray | RowView, index: np.ndarray) -> None:
+        if isinstance(base, RowView):  # a view of a view: compose the indices
+            base, index = base.base, base.index[index]
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    def __getitem__(self, key: int | slice | np.ndarray | list[int]) -> np.ndarray:
+        rows = self.index[key]
+        if np.ndim(rows) == 0:
+            return np.asarray(self.base[int(rows)])
+        return np.asarray(self.base[rows])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        return np.asarray(self.base[self.index], dtype=dtype)
 
 
 @dataclass
@@ -82,16 +130,103 @@ def split_train_val(
     return train, val
 
 
-def content_hash(split: Split) -> str:
-    """A short hash of images and labels: ties a model to the exact data it saw."""
+def content_hash(split: Split, chunk: int = 512) -> str:
+    """A short hash of images and labels: ties a model to the exact data it saw.
+
+    Hashed a chunk of images at a time, so a memory-mapped split is never copied into RAM whole.
+    """
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(split.images).tobytes())
+    for start in range(0, len(split.images), chunk):
+        digest.update(np.ascontiguousarray(split.images[start : start + chunk]).tobytes())
     digest.update(np.ascontiguousarray(split.labels).tobytes())
     return digest.hexdigest()[:16]
 
 
-def write_dataset(dest: Path, train: Split, test: Split, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the canonical dataset folder atomically (a failure leaves the old one in place)."""
+def images_file(folder: Path, split: str) -> Path:
+    return folder / f"{split}_images.npy"
+
+
+def labels_file(folder: Path, split: str) -> Path:
+    return folder / f"{split}_labels.npy"
+
+
+FILE_TABLE = "files.csv"
+FILE_THUMBS = "files_thumbs.npy"
+
+
+def exceeds_budget(count: int, image_shape: tuple[int, ...], ram_budget_mb: float) -> bool:
+    """Whether ``count`` decoded uint8 images of ``image_shape`` are more than the RAM budget."""
+    return count * int(np.prod(image_shape)) > ram_budget_mb * 2**20
+
+
+class SplitWriter:
+    """Collects one split's images as they are decoded, in RAM or straight into a ``.npy`` file.
+
+    ``capacity`` is how many images may come (every listed file); bad files make the split
+    shorter, and :meth:`finish` trims the file to the images that were really added.
+    """
+
+    def __init__(
+        self, folder: Path, split: str, capacity: int, image_shape: tuple[int, ...], on_disk: bool
+    ) -> None:
+        self.folder, self.split, self.on_disk = folder, split, on_disk
+        shape = (capacity, *image_shape)
+        if on_disk:
+            self._images: np.ndarray = np.lib.format.open_memmap(
+                images_file(folder, split), mode="w+", dtype=np.uint8, shape=shape
+            )
+        else:
+            self._images = np.empty(shape, dtype=np.uint8)
+        self._labels: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def add(self, image: np.ndarray, label: int) -> None:
+        self._images[len(self._labels)] = image
+        self._labels.append(label)
+
+    def finish(self, chunk: int = 512) -> Split:
+        """Write the labels (and, in RAM, the images); return the split as later stages see it."""
+        count = len(self._labels)
+        labels = np.asarray(self._labels, dtype=np.int64)
+        np.save(labels_file(self.folder, self.split), labels)
+        path = images_file(self.folder, self.split)
+        if not self.on_disk:
+            images = self._images[:count]
+            np.save(path, images)
+            return Split(images, labels)
+        if count < len(self._images):  # skipped files: copy into a file of the right length
+            trimmed = path.with_name(f".{path.name}.trim")
+            out = np.lib.format.open_memmap(
+                trimmed, mode="w+", dtype=np.uint8, shape=(count, *self._images.shape[1:])
+            )
+            for start in range(0, count, chunk):
+                stop = min(start + chunk, count)
+                out[start:stop] = self._images[start:stop]
+            out.flush()
+            del out
+            self._images.flush()
+            self._images = np.empty(0, dtype=np.uint8)  # unmap before the file is replaced
+            os.replace(trimmed, path)
+        else:
+            self._images.flush()
+            self._images = np.empty(0, dtype=np.uint8)
+        return Split(np.load(path, mmap_mode="r"), labels)
+
+
+@contextmanager
+def dataset_draft(dest: Path) -> Iterator[Path]:
+    """The folder a new dataset is written into; it replaces ``dest`` only if the block succeeds,
+    so a failed download leaves the previous dataset intact."""
+    with atomic_dir(dest) as tmp:
+        yield tmp
+
+
+def finish_dataset(
+    folder: Path, train: Split, test: Split, meta: dict[str, Any], storage: str
+) -> dict[str, Any]:
+    """Write ``meta.json`` (shape, counts, content hashes, storage) beside the split files."""
     meta = {
         **meta,
         "image_shape": list(train.images.shape[1:]),
@@ -99,47 +234,49 @@ def write_dataset(dest: Path, train: Split, test: Split, meta: dict[str, Any]) -
         "num_test": len(test),
         "train_hash": content_hash(train),
         "test_hash": content_hash(test),
+        "storage": storage,
     }
-    with atomic_dir(dest) as tmp:
+    write_json(folder / "meta.json", meta)
+    return meta
+
+
+def write_dataset(
+    dest: Path, train: Split, test: Split, meta: dict[str, Any], storage: str = "memory"
+) -> dict[str, Any]:
+    """Write splits held in RAM as the canonical dataset folder, atomically.
+
+    ``storage`` ("memory" or "mmap") is how :func:`load_dataset` will open it.
+    """
+    with dataset_draft(dest) as tmp:
         for name, split in (("train", train), ("test", test)):
-            np.savez(tmp / f"{name}.npz", images=split.images, labels=split.labels)
-        write_json(tmp / "meta.json", meta)
+            np.save(images_file(tmp, name), np.ascontiguousarray(split.images, dtype=np.uint8))
+            np.save(labels_file(tmp, name), np.asarray(split.labels, dtype=np.int64))
+        meta = finish_dataset(tmp, train, test, meta, storage)
     return meta
 
 
 def load_dataset(folder: Path) -> Dataset:
-    """Load what ``download`` wrote; a clear error when it is missing."""
+    """Load what ``download`` wrote; a clear error when it is missing.
+
+    ``meta.json``'s ``storage`` decides: ``mmap`` datasets (over ``data.ram_budget_mb`` when
+    written) are opened read-only with ``mmap_mode="r"``, the rest are read into RAM.
+    """
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(
             f"No dataset at {folder}: run the download stage first (dvc repro download)."
         )
-    splits = {}
-    for name in ("train", "test"):
-        with np.load(folder / f"{name}.npz") as npz:
-            splits[name] = Split(npz["images"], npz["labels"].astype(np.int64))
-    return Dataset(splits["train"], splits["test"], read_json(folder / "meta.json"))
-
-
-def read_imagefolder(root: Path, size: int, channels: int) -> tuple[Split, list[str]]:
-    """Read ``root/<class>/<image>`` into a Split, through the shared :func:`prepare_image`."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"ImageFolder split {root} does not exist.")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise InvalidInput(f"{root} has no class folders: expected {root}/<class>/<image files>.")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for path in sorted((root / cls).rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    images.append(prepare_image(img, size, channels))
-            except (OSError, Image.DecompressionBombError) as exc:
-                raise InvalidInput(
-                    f"{path} is not a readable image ({exc}); remove or fix it."
-                ) from exc
-            labels.append(label)
-    if not images:
-        raise InvalidInput(f"{root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}.")
-    return Split(np.stack(images), np.asarray(labels, dtype=np.int64)), classes
+    meta = read_json(folder / "meta.json")
+    if not images_file(folder, "train").is_file():
+        raise FileNotFoundError(
+            f"{folder} holds a dataset in an older layout: rerun the download stage "
+            "(dvc repro download)."
+        )
+    mode = "r" if meta.get("storage") == "mmap" else None
+    splits = {
+        name: Split(
+            np.load(images_file(folder, name), mmap_mode=mode),
+            np.load(labels_file(folder, name)).astype(np.int64),
+        )
+        for name in ("train", "test")
+    }
+    return Dataset(splits["train"], splits["test"], meta)

@@ -239,7 +239,8 @@ def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(pre
     state = training_flow(set_params=["validate.min_images_per_class=1000"], return_state=True)
     assert state.is_failed()
     logs = flow_logs(state.state_details.flow_run_id, wait_for="workspace is kept")
-    assert "stage validate failed" in logs and "class_count" in logs
+    assert "stage validate failed" in logs and "classes with too few images" in logs
+    assert "c0: 30 train images, fewer than validate.min_images_per_class (1000)" in logs
     assert "workspace is kept" in logs
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions
     # validation never retries (download would, twice: dvc.yaml's meta.retries)

@@ -171,6 +171,12 @@ def inspect_file(task: FileTask) -> FileFacts:
                     "(a decompression bomb, or a photo far larger than training needs)"
                 )
                 return facts
+            if img.format == "JPEG":
+                # Decode at 1/2, 1/4 or 1/8 scale when the file is far larger than the store
+                # and the checks need (never below 512 px, nor below the model's size): a
+                # 12-megapixel phone photo took 36 ms instead of 270 ms here, at 96 px.
+                side = max(4 * task.size, 512)
+                img.draft(img.mode, (side, side))
             img.load()
             pixels = np.asarray(img)
             facts.pixel_sha1 = hashlib.sha1(

@@ -116,6 +116,35 @@ def make_scheduler(
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def _end_epoch(
+    history: TrainHistory,
+    epoch: int,
+    sums: tuple[float, float, float],
+    val: tuple[float | None, float | None],
+    seconds: float,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    on_epoch_end: Callable[[EpochMetrics, nn.Module, torch.optim.Optimizer], None] | None,
+) -> None:
+    """Record an epoch's metrics (``sums``: loss sum, correct, seen) and call ``on_epoch_end``
+    (on rank 0 only under DDP): the one epoch ending of both training loops."""
+    loss_sum, correct, seen = sums
+    metrics = EpochMetrics(
+        epoch=epoch,
+        train_loss=loss_sum / max(seen, 1),
+        train_accuracy=correct / max(seen, 1),
+        val_loss=val[0],
+        val_accuracy=val[1],
+        lr=optimizer.param_groups[0]["lr"],
+        seconds=seconds,
+        images_per_second=seen / max(seconds, 1e-9),
+    )
+    history.epochs.append(metrics)
+    log.info("epoch %d: %s", epoch, metrics.as_dict())
+    if on_epoch_end and distributed.is_main():
+        on_epoch_end(metrics, model, optimizer)
+
+
 def train_model(
     model: nn.Module,
     train: Split,
@@ -246,20 +275,10 @@ def train_model(
             val_loss, val_acc = evaluate_loss_accuracy(
                 model, val, criterion, cfg.batch_size, device
             )
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=loss_sum / max(seen, 1),
-            train_accuracy=correct / max(seen, 1),
-            val_loss=val_loss,
-            val_accuracy=val_acc,
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=seconds,
-            images_per_second=seen / max(seconds, 1e-9),
-        )
-        history.epochs.append(metrics)
-        log.info("epoch %d: %s", epoch, metrics.as_dict())
-        if on_epoch_end and distributed.is_main():
-            on_epoch_end(metrics, model, optimizer)
+        _end_epoch(
+            history, epoch, (loss_sum, correct, seen), (val_loss, val_acc), seconds, optimizer,
+            model, on_epoch_end,
+        )  # fmt: skip
         if step >= total_steps:
             break
     distributed.check_replicas_in_sync(model, device)
@@ -344,20 +363,10 @@ def fit_head_on_features(
             labels = torch.from_numpy(val.labels)
             val_loss = float(criterion(val_logits.to(device), labels.to(device)))
             val_acc = float((val_logits.argmax(1) == labels).float().mean())
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=loss_sum / max(seen, 1),
-            train_accuracy=correct / max(seen, 1),
-            val_loss=val_loss,
-            val_accuracy=val_acc,
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=seconds,
-            images_per_second=seen / max(seconds, 1e-9),
-        )
-        history.epochs.append(metrics)
-        log.info("epoch %d: %s", epoch, metrics.as_dict())
-        if on_epoch_end:
-            on_epoch_end(metrics, model, optimizer)
+        _end_epoch(
+            history, epoch, (loss_sum, correct, seen), (val_loss, val_acc), seconds, optimizer,
+            model, on_epoch_end,
+        )  # fmt: skip
         if step >= total_steps:
             break
     history.seconds = time.perf_counter() - started

@@ -168,14 +168,16 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu.get(p, 0) for p in family) / tick
 
 
-def verdict(
-    results: list[dict],
-    concurrency: int = 32,
-    min_ratio: float = 1.5,
-    max_p99_ms: float = 250.0,
-) -> list[str]:
-    """The issue's target, read off this run, per image: at ``concurrency``, does the service's
-    /classify give ``min_ratio`` x the plain server's throughput, with p99 <= ``max_p99_ms`` and
+# The project's targets per image kind, at concurrency 32: (the service's throughput over the
+# plain server's, more than; p99 at most, ms). Fashion-MNIST: stay ahead with p99 <= 50 ms; a
+# 224² photo (EfficientNet-Lite0): 1.5x with p99 <= 250 ms. The 12 MP photo has none: it shows
+# what decoding costs.
+TARGETS = {"test": (1.0, 50.0), "photo224": (1.5, 250.0)}
+
+
+def verdict(results: list[dict], concurrency: int = 32) -> list[str]:
+    """The targets (:data:`TARGETS`), read off this run, per image: at ``concurrency``, is the
+    service's /classify that much faster than the plain server, within the p99 budget and with
     no failed request?"""
     lines = []
     for kind in IMAGE_KINDS:
@@ -196,13 +198,15 @@ def verdict(
                     f"- {label}: {ratio:.2f}x the requests/s; server CPU per request "
                     f"{service['cpu_ms_per_request']:.2f} vs {other['cpu_ms_per_request']:.2f} ms"
                 )
-        ratio = service["requests_per_second"] / max(plain["requests_per_second"], 1e-9)
-        met = ratio >= min_ratio and service["p99_ms"] <= max_p99_ms and service["failed"] == 0
-        lines.append(
-            f"- target ({min_ratio:g}x the plain server, p99 <= {max_p99_ms:g} ms, no failure): "
-            f"{'met' if met else 'NOT met'} ({ratio:.2f}x, p99 {service['p99_ms']:.1f} ms, "
-            f"{service['failed']} failed)"
-        )
+        if kind in TARGETS:
+            min_ratio, max_p99_ms = TARGETS[kind]
+            ratio = service["requests_per_second"] / max(plain["requests_per_second"], 1e-9)
+            met = ratio > min_ratio and service["p99_ms"] <= max_p99_ms and not service["failed"]
+            lines.append(
+                f"- target (over {min_ratio:g}x the plain server, p99 <= {max_p99_ms:g} ms, no "
+                f"failure): {'met' if met else 'NOT met'} ({ratio:.2f}x, p99 "
+                f"{service['p99_ms']:.1f} ms, {service['failed']} failed)"
+            )
         lines.append("")
     return lines
 

@@ -6,20 +6,23 @@ so everything is measured in one run and reported as ratios against a baseline o
 Sections, each written to ``DIR/gpu_check.json`` as soon as it finishes (a run cut short by a
 timeout still leaves the sections it got through):
 
-* ``engine``     :func:`imageclf.engine.train_model` itself on synthetic Fashion-MNIST-shaped
-                 data. On CUDA it always trains channels_last with fp16 autocast and a
-                 GradScaler (it has no switch for fp32 or bf16), data from a CPU DataLoader.
+* ``engine``     :func:`imageclf.training.engine.train_model` itself on synthetic
+                 Fashion-MNIST-shaped data. On CUDA it always trains channels_last with fp16
+                 autocast and a GradScaler (it has no switch for fp32 or bf16), data from a CPU
+                 DataLoader.
 * ``precision``  the script's loop, not the engine's: the same model, optimizer, LR schedule,
                  loss, clipping and per-step ``.item()`` syncs as ``train_model``, with data
                  already on the device, so that fp32 / bf16 / fp16+GradScaler / channels_last can
                  be compared (the engine cannot be told to run them).
 * ``compile``    torch.compile: compile time and steady-state images/s against eager, for
                  inference (default and reduce-overhead) and for the engine's training step.
-* ``ddp``        DDP over NCCL through :mod:`imageclf.distributed`: two ranks on the one GPU
-                 (NCCL usually refuses: "Duplicate GPU"), then world_size=1 NCCL if so, and two
-                 ranks on the GPU over gloo running ``train_model`` (the project's DDP path).
-* ``onnx``       :func:`imageclf.export.export_onnx` of the trained serving graph, the project's
-                 :func:`~imageclf.export.verify_onnx`, ONNX Runtime providers and timings.
+* ``ddp``        DDP over NCCL through :mod:`imageclf.training.distributed`: two ranks on the
+                 one GPU (NCCL usually refuses: "Duplicate GPU"), then world_size=1 NCCL if so,
+                 and two ranks on the GPU over gloo running ``train_model`` (the project's DDP
+                 path).
+* ``onnx``       :func:`imageclf.deploy.export.export_onnx` of the trained serving graph, the
+                 project's :func:`~imageclf.deploy.export.verify_onnx`, ONNX Runtime providers
+                 and timings.
 
 Without CUDA it runs a tiny plan and marks CUDA-only sections "skipped: no CUDA", so it can be
 smoke-tested anywhere. It imports only library modules free of MLflow/DVC/Prefect/BentoML, so
@@ -55,13 +58,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imageclf import distributed
 from imageclf.config import Params, TrainParams, apply_overrides, load_params
 from imageclf.data.store import Split
-from imageclf.engine import make_optimizer, make_scheduler, train_model
-from imageclf.export import export_onnx, verify_onnx
-from imageclf.models import ServingGraph, build_model
-from imageclf.onnx_runtime import INPUT_NAME, ort_session
+from imageclf.deploy.export import export_onnx, verify_onnx
+from imageclf.deploy.onnx_runtime import INPUT_NAME, ort_session
+from imageclf.models.zoo import ServingGraph, build_model
+from imageclf.training import distributed
+from imageclf.training.engine import make_optimizer, make_scheduler, train_model
 
 NUM_CLASSES = 10  # Fashion-MNIST
 NO_CUDA = "skipped: no CUDA"
@@ -307,8 +310,8 @@ def section_engine(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict
     split = as_split(images, labels)
     model = run.model()
     out: dict[str, Any] = {
-        "what": "imageclf.engine.train_model (CPU DataLoader, default LoaderSettings); on CUDA "
-        "it trains channels_last + fp16 autocast + GradScaler, not configurable",
+        "what": "imageclf.training.engine.train_model (CPU DataLoader, default LoaderSettings); "
+        "on CUDA it trains channels_last + fp16 autocast + GradScaler, not configurable",
         "images": len(split),
     }
     runs = [("warmup", run.plan.warmup, []), ("no_augment", run.plan.engine_steps, [])]
@@ -505,7 +508,7 @@ def _ddp_worker(rank: int, world: int, port: int, mode: str, steps: int, results
         cfg = params.train
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        if mode == "project_init":  # imageclf.distributed picks NCCL on CUDA, gloo on CPU
+        if mode == "project_init":  # imageclf.training.distributed picks NCCL on CUDA, gloo on CPU
             res["joined"] = distributed.init_from_env()
         else:
             if cuda:
@@ -622,7 +625,7 @@ def section_ddp(run: Run) -> dict[str, Any]:
     steps = run.plan.ddp_steps
     out: dict[str, Any] = {
         "note": "all ranks on cuda:0 (LOCAL_RANK=0); ddp_step is the script's loop in the "
-        "engine config, gloo_train_model is imageclf.engine.train_model under DDP",
+        "engine config, gloo_train_model is imageclf.training.engine.train_model under DDP",
     }
     first = _spawn_ranks("project_init", 2, steps, timeout_s=60)
     out["two_ranks_project_init"] = first

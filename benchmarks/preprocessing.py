@@ -7,7 +7,7 @@
   as the training Dataset now applies it (uint8, in ``__getitems__``) against the loop of before
   (the float batch after ``to_model_input``);
 - the photo policy of ``configs/photos.yaml`` at 96x96 RGB, per image, on one thread (what
-  :class:`imageclf.transforms.Augmentation` uses) and on torch's default thread count.
+  :class:`imageclf.data.transforms.Augmentation` uses) and on torch's default thread count.
 
     python -m benchmarks.preprocessing
 
@@ -26,7 +26,12 @@ from PIL import Image
 
 from imageclf.data.loaders import InMemoryImages, NumberedBatch
 from imageclf.data.store import Split
-from imageclf.transforms import build_augmentation, prepare_image, random_augment, to_model_input
+from imageclf.data.transforms import (
+    build_augmentation,
+    prepare_image,
+    random_augment,
+    to_model_input,
+)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

@@ -55,9 +55,9 @@ import yaml
 from PIL import Image
 
 from imageclf.config import Params
+from imageclf.deploy.serving import OnnxClassifier, decode_image, resolve_model
 from imageclf.local_servers import free_port, start, stop
 from imageclf.paths import ProjectPaths, get_paths
-from imageclf.serving import OnnxClassifier, decode_image, resolve_model
 from imageclf.tracking import tracking_uri
 
 LUA = Path(__file__).with_name("multipart.lua")
@@ -290,10 +290,10 @@ def register_built_model(
     import mlflow
     import torch
 
-    from imageclf.export import export_onnx
-    from imageclf.models import ServingGraph, build_model, fold_batchnorm, model_entry
+    from imageclf.data.transforms import to_model_array
+    from imageclf.deploy.export import export_onnx
+    from imageclf.models.zoo import ServingGraph, build_model, fold_batchnorm, model_entry
     from imageclf.registry import CHAMPION, client, log_and_register
-    from imageclf.transforms import to_model_array
 
     contract = model_entry(name).contract
     channels = contract.channels or 3
@@ -301,7 +301,7 @@ def register_built_model(
     std = contract.std or 0.5
     torch.manual_seed(params.seed)
     model = build_model(name, num_classes, channels, params.train.width, mean, std, image_size)
-    from imageclf.backbones import load_pretrained
+    from imageclf.models.backbones import load_pretrained
     from imageclf.stage import InvalidInput
 
     try:

@@ -65,8 +65,8 @@ class DataloaderCheckParams(_Section):
     grid: LoaderGrid
 
 
-# Training augmentations (imageclf.transforms builds them, in this order). A step is a bare name,
-# or a one-key mapping from a name to its one number; the value says what the number means.
+# Training augmentations (imageclf.data.transforms builds them, in this order). A step is a bare
+# name, or a one-key mapping from a name to its one number; the value says what the number means.
 AUGMENTATIONS: dict[str, str | None] = {
     "hflip": None,  # mirror half the images (not for digits, text, ...)
     "translate": "pixels",  # shift by up to this many pixels (padding with zeros)

@@ -86,7 +86,7 @@ def dvc_data_hash(root: Path) -> str | None:
 
 def comparability_tags(onnx_path: Path, classes: list[str], test_hash: str) -> dict[str, str]:
     """The tags of :data:`COMPARABLE_BY` for a model file and the test set it was evaluated on."""
-    from imageclf.onnx_runtime import onnx_metadata
+    from imageclf.deploy.onnx_runtime import onnx_metadata
 
     meta = onnx_metadata(onnx_path)
     contract = json.loads(meta["input"]) if "input" in meta else {"unknown": str(onnx_path)}
@@ -118,7 +118,7 @@ def log_and_register(
     import onnx
     from mlflow.models import infer_signature
 
-    from imageclf.export import ort_session
+    from imageclf.deploy.export import ort_session
 
     registry = client(tracking)
     session = ort_session(onnx_path)
@@ -370,9 +370,9 @@ def register_workspace(
     project's. The same ONNX file is never registered twice: its SHA-256 is a version tag.
     """
     from imageclf.data.store import load_dataset
+    from imageclf.data.transforms import to_model_array
     from imageclf.io import read_json
     from imageclf.tracking import git_commit, params_hash
-    from imageclf.transforms import to_model_array
 
     tracking = tracking or tracking_uri(paths)
     if not paths.onnx.is_file() or (run_id is None and not paths.train_report.is_file()):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from imageclf.config import load_params
 from imageclf.data.store import IMAGE_SUFFIXES
+from imageclf.deploy.serving import ModelUnavailable, OnnxClassifier, classify_files, resolve_model
 from imageclf.io import atomic_path
 from imageclf.paths import get_paths
-from imageclf.serving import ModelUnavailable, OnnxClassifier, classify_files, resolve_model
 from imageclf.tracking import tracking_uri
 
 

@@ -28,9 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import Counter, Histogram
 
 from imageclf.config import load_params
-from imageclf.paths import get_paths
-from imageclf.registry import download_examples
-from imageclf.serving import (
+from imageclf.deploy.serving import (
     AdaptiveBatcher,
     Example,
     InputError,
@@ -42,6 +40,8 @@ from imageclf.serving import (
     load_examples,
     resolve_model,
 )
+from imageclf.paths import get_paths
+from imageclf.registry import download_examples
 from imageclf.tracking import tracking_uri
 from monitoring.features import pixel_features
 from monitoring.prediction_log import BackgroundWriter, PredictionLog

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageclf.benchmark import benchmark_backends
-from imageclf.checkpoint import load_serving_model
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
+from imageclf.deploy.benchmark import benchmark_backends
+from imageclf.evaluation.metrics import plot_bars
 from imageclf.io import read_json, write_json
 from imageclf.metric_names import (
     BENCH_PREFIX,
@@ -17,7 +17,7 @@ from imageclf.metric_names import (
     ONNXRUNTIME_INT8,
     bench_key,
 )
-from imageclf.metrics import plot_bars
+from imageclf.models.checkpoint import load_serving_model
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
 from imageclf.tracking import log_to_run

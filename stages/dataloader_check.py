@@ -6,10 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from imageclf.config import Params
-from imageclf.data.store import load_dataset
-from imageclf.engine import seed_everything
-from imageclf.io import write_json
-from imageclf.loader_check import (
+from imageclf.data.loader_check import (
     OverfitFailed,
     augmentation_cost,
     decode_cost,
@@ -18,9 +15,12 @@ from imageclf.loader_check import (
     source_files,
     why_chosen,
 )
-from imageclf.models import build_model
+from imageclf.data.store import load_dataset
+from imageclf.io import write_json
+from imageclf.models.zoo import build_model
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
+from imageclf.training.engine import seed_everything
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

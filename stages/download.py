@@ -18,10 +18,10 @@ from imageclf.data.store import (
     finish_dataset,
     stratified_fraction,
 )
+from imageclf.data.transforms import prepare_image
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
-from imageclf.transforms import prepare_image
 
 
 def _write_fashion_mnist(

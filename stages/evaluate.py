@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageclf.checkpoint import load_checkpoint
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
-from imageclf.engine import predict_logits, set_threads
-from imageclf.error_analysis import write_error_analysis
+from imageclf.evaluation.error_analysis import write_error_analysis
+from imageclf.evaluation.metrics import (
+    classification_report,
+    confusion_matrix,
+    plot_confusion_matrix,
+    train_class_shares,
+)
 from imageclf.io import read_json, write_json
 from imageclf.metric_names import (
     BALANCED_ACCURACY,
@@ -24,15 +28,11 @@ from imageclf.metric_names import (
     WORST_RECALL,
     per_class_metric,
 )
-from imageclf.metrics import (
-    classification_report,
-    confusion_matrix,
-    plot_confusion_matrix,
-    train_class_shares,
-)
+from imageclf.models.checkpoint import load_checkpoint
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
 from imageclf.tracking import log_to_run
+from imageclf.training.engine import predict_logits, set_threads
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

@@ -7,11 +7,11 @@ import json
 from contextlib import ExitStack
 from typing import Any
 
-from imageclf.checkpoint import load_serving_model
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
-from imageclf.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
+from imageclf.deploy.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
 from imageclf.io import atomic_path, write_json
+from imageclf.models.checkpoint import load_serving_model
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
 
@@ -56,7 +56,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                     "channels": c,
                     "height": h,
                     "width": w,
-                    # imageclf.transforms.prepare_image: how any image becomes this input
+                    # imageclf.data.transforms.prepare_image: how any image becomes this input
                     "resize": "shorter side to height, centre crop",
                 }
             ),

@@ -7,16 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from imageclf.checkpoint import load_checkpoint, save_checkpoint
 from imageclf.config import Params
 from imageclf.data.store import load_dataset, stratified_fraction
-from imageclf.engine import set_threads
-from imageclf.export import export_onnx
+from imageclf.deploy.export import export_onnx
+from imageclf.deploy.optimize import compare_onnx, measure_fold, quantize_static_int8
 from imageclf.io import write_json
-from imageclf.models import ServingGraph
-from imageclf.optimize import compare_onnx, measure_fold, quantize_static_int8
+from imageclf.models.checkpoint import load_checkpoint, save_checkpoint
+from imageclf.models.zoo import ServingGraph
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
+from imageclf.training.engine import set_threads
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

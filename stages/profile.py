@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageclf.checkpoint import load_checkpoint
 from imageclf.config import Params
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import load_dataset
-from imageclf.engine import set_threads
 from imageclf.io import write_json, write_text
+from imageclf.models.checkpoint import load_checkpoint
 from imageclf.paths import ProjectPaths
-from imageclf.profiling import profile_training, top_ops_markdown
 from imageclf.stage import main
+from imageclf.training.engine import set_threads
+from imageclf.training.profiling import profile_training, top_ops_markdown
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Stage train: train the model named in params.train, checkpoint every epoch, log to MLflow.
 
 ``torchrun --standalone --nproc_per_node N -m stages.train`` trains the same way with DDP over N
-processes (see imageclf.distributed); rank 0 does all the logging and writing.
+processes (see imageclf.training.distributed); rank 0 does all the logging and writing.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from imageclf import distributed
-from imageclf.backbones import load_pretrained, pretrained_models
-from imageclf.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
 from imageclf.config import Params, TrainParams
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import load_dataset, split_train_val
-from imageclf.engine import EpochMetrics, seed_everything, set_threads, train_model
 from imageclf.io import write_json
-from imageclf.models import count_parameters, model_contract
+from imageclf.models.backbones import load_pretrained, pretrained_models
+from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
+from imageclf.models.zoo import count_parameters, model_contract
 from imageclf.paths import ProjectPaths
 from imageclf.stage import InvalidInput, StageError, main
 from imageclf.tracking import experiment_tags, flatten, git_commit, params_hash, setup_mlflow
+from imageclf.training import distributed
+from imageclf.training.engine import EpochMetrics, seed_everything, set_threads, train_model
 
 log = logging.getLogger(__name__)
 

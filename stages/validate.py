@@ -10,10 +10,10 @@ from typing import Any
 from imageclf.config import Params
 from imageclf.data.quality_report import write_reports
 from imageclf.data.store import load_dataset
+from imageclf.data.validation import DATA_DOCS_INDEX, validate_dataset
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
-from imageclf.validation import DATA_DOCS_INDEX, validate_dataset
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

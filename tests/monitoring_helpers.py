@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from imageclf.config import Params
+from imageclf.deploy.serving import OnnxClassifier
 from imageclf.paths import ProjectPaths
-from imageclf.serving import OnnxClassifier
 from monitoring.features import pixel_features
 from monitoring.prediction_log import PredictionLog
 from stages import download, export, reference, train

@@ -9,7 +9,7 @@ import torch
 from imageclf.config import ParamsError
 from imageclf.data.loaders import InMemoryImages, NumberedBatch, batch_generator, make_loader
 from imageclf.data.store import Split
-from imageclf.transforms import build_augmentation, to_model_input
+from imageclf.data.transforms import build_augmentation, to_model_input
 from tests.conftest import synthetic_split, tiny_params
 
 PER_IMAGE_STEPS = [

@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from imageclf.backbones import (
+from imageclf.data.transforms import prepare_image, to_model_input
+from imageclf.models.backbones import (
     lite0_packaged_weights,
     load_pretrained,
     read_state_dict,
     weights_path,
 )
-from imageclf.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from imageclf.models import (
+from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from imageclf.models.zoo import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ServingGraph,
@@ -29,7 +30,6 @@ from imageclf.models import (
     split_head,
 )
 from imageclf.stage import InvalidInput
-from imageclf.transforms import prepare_image, to_model_input
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -164,7 +164,7 @@ def test_missing_weights_are_clear_errors_and_nothing_is_downloaded(tmp_path):
 
 
 def test_lite0_exports_to_onnx_with_a_dynamic_batch_and_folds_its_batch_norm(tmp_path):
-    from imageclf.export import export_onnx, verify_onnx
+    from imageclf.deploy.export import export_onnx, verify_onnx
 
     model = build_model(
         "efficientnet_lite0", 5, 3, mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=96

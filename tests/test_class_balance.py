@@ -8,8 +8,8 @@ import torch
 
 from imageclf.data.loaders import class_weights, make_loader
 from imageclf.data.store import Split
-from imageclf.engine import train_model
-from imageclf.models import build_model
+from imageclf.models.zoo import build_model
+from imageclf.training.engine import train_model
 from tests.conftest import synthetic_split, tiny_params
 
 

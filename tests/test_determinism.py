@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from imageclf.checkpoint import ModelSpec, save_checkpoint
 from imageclf.data.loaders import LoaderSettings
-from imageclf.engine import train_model
-from imageclf.export import export_onnx, export_torchscript, load_torchscript
-from imageclf.models import ServingGraph, build_model
-from imageclf.optimize import quantize_static_int8
+from imageclf.deploy.export import export_onnx, export_torchscript, load_torchscript
+from imageclf.deploy.optimize import quantize_static_int8
+from imageclf.models.checkpoint import ModelSpec, save_checkpoint
+from imageclf.models.zoo import ServingGraph, build_model
+from imageclf.training.engine import train_model
 from monitoring.reference import save_reference
 from tests.conftest import REPO, synthetic_split, tiny_params
 

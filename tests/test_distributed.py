@@ -9,9 +9,9 @@ import sys
 import mlflow
 import numpy as np
 
-from imageclf import distributed
-from imageclf.checkpoint import load_checkpoint
 from imageclf.io import read_json
+from imageclf.models.checkpoint import load_checkpoint
+from imageclf.training import distributed
 from tests.conftest import REPO, tiny_params, write_params
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.nn.parameter import is_lazy
 
+from imageclf.data.loader_check import OverfitFailed, loader_grid, overfit_one_batch
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import Split
-from imageclf.engine import predict_logits, train_model
-from imageclf.loader_check import OverfitFailed, loader_grid, overfit_one_batch
-from imageclf.models import available_models, build_model, model_contract
+from imageclf.models.zoo import available_models, build_model, model_contract
+from imageclf.training.engine import predict_logits, train_model
 from tests.conftest import synthetic_split, tiny_params
 
 

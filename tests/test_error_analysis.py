@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imageclf.checkpoint import ModelSpec, save_checkpoint
 from imageclf.data.store import Split, write_dataset
-from imageclf.error_analysis import (
+from imageclf.evaluation.error_analysis import (
     DISPLAY_SIDE,
     display_image,
     error_report_html,
@@ -22,9 +21,10 @@ from imageclf.error_analysis import (
     most_confused,
     top_losses,
 )
+from imageclf.evaluation.metrics import classification_report, train_class_shares
 from imageclf.io import read_json, write_json
 from imageclf.metric_names import per_class_metric
-from imageclf.metrics import classification_report, train_class_shares
+from imageclf.models.checkpoint import ModelSpec, save_checkpoint
 from stages import evaluate
 from tests.conftest import synthetic_split, tiny_params
 

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imageclf.export import export_onnx, ort_logits, verify_onnx
-from imageclf.layers import (
+from imageclf.deploy.export import export_onnx, ort_logits, verify_onnx
+from imageclf.deploy.onnx_runtime import ort_session
+from imageclf.models.layers import (
     MultiHeadSelfAttention,
     RMSNorm,
     cross_entropy,
@@ -16,8 +17,7 @@ from imageclf.layers import (
     log_softmax,
     softmax,
 )
-from imageclf.models import ServingGraph, build_model
-from imageclf.onnx_runtime import ort_session
+from imageclf.models.zoo import ServingGraph, build_model
 
 
 def test_softmax_and_log_softmax_match_torch_and_survive_huge_logits():

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageclf.data.loaders import LoaderSettings
-from imageclf.data.store import FILE_TABLE
-from imageclf.io import read_json
-from imageclf.loader_check import (
+from imageclf.data.loader_check import (
     augmentation_cost,
     decode_cost,
     loader_grid,
     source_files,
     why_chosen,
 )
+from imageclf.data.loaders import LoaderSettings
+from imageclf.data.store import FILE_TABLE
+from imageclf.io import read_json
 from tests.conftest import synthetic_split, tiny_params
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from imageclf.export import export_onnx
-from imageclf.models import build_model
+from imageclf.deploy.export import export_onnx
+from imageclf.models.zoo import build_model
 from imageclf.paths import ProjectPaths
 from imageclf.registry import (
     LATENCY_METRIC,

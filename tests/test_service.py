@@ -23,10 +23,10 @@ from PIL import Image
 from benchmarks.serving import phone_photo, small_photo
 from imageclf.config import load_params
 from imageclf.data.store import load_dataset
+from imageclf.deploy.serving import OnnxClassifier
 from imageclf.local_servers import free_port, start, stop
 from imageclf.paths import ProjectPaths
 from imageclf.registry import promote, register_workspace
-from imageclf.serving import OnnxClassifier
 from imageclf.tracking import tracking_uri
 from stages import benchmark, download, evaluate, export, reference, train
 from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params, write_params
@@ -431,7 +431,7 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path):
     for needed in (
         "services/service.py",
         "services/static/index.html",
-        "imageclf/serving.py",
+        "imageclf/deploy/serving.py",
         "imageclf/data/store.py",
         "params.yaml",
     ):

@@ -13,9 +13,8 @@ from PIL import Image
 
 from benchmarks.serving import phone_photo, small_photo
 from imageclf.config import load_params
-from imageclf.export import export_onnx
-from imageclf.models import ServingGraph, build_model
-from imageclf.serving import (
+from imageclf.deploy.export import export_onnx
+from imageclf.deploy.serving import (
     AdaptiveBatcher,
     InputError,
     OnnxClassifier,
@@ -26,6 +25,7 @@ from imageclf.serving import (
     pick_examples,
     save_examples,
 )
+from imageclf.models.zoo import ServingGraph, build_model
 from monitoring.drift import Thresholds, detect
 from monitoring.features import pixel_features
 from monitoring.prediction_log import PredictionLog

@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from imageclf.export import load_torchscript
+from imageclf.data.transforms import to_model_input
+from imageclf.deploy.export import load_torchscript
 from imageclf.io import read_json
 from imageclf.stage import StageError
-from imageclf.transforms import to_model_input
 from stages import benchmark, dataloader_check, download, evaluate, export, optimize, profile, train
 from tests.conftest import REPO, tiny_params
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from imageclf.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
-from imageclf.engine import train_model
-from imageclf.models import build_model, split_head
+from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
+from imageclf.models.zoo import build_model, split_head
 from imageclf.stage import StageError
+from imageclf.training.engine import train_model
 from stages import train
 from tests.conftest import synthetic_split, tiny_params
 
@@ -112,8 +112,8 @@ def changed(before: dict, after: dict, prefix: str) -> bool:
 
 
 def test_discriminative_learning_rates_per_layer_group(source_checkpoint):
-    from imageclf.engine import make_optimizer, make_scheduler
-    from imageclf.transfer import TransferPlan
+    from imageclf.training.engine import make_optimizer, make_scheduler
+    from imageclf.training.transfer import TransferPlan
 
     model = pretrained_resnet(source_checkpoint)
     cfg = tiny_params(train={"lr": 0.1, "layer_lr_decay": 0.5, "weight_decay": 0.01}).train
@@ -210,9 +210,9 @@ def rgb_project(project):
 
 
 def test_train_stage_feature_extraction_on_imagenet_lite0(rgb_project):
-    from imageclf.backbones import lite0_packaged_weights, read_state_dict
-    from imageclf.checkpoint import load_checkpoint
-    from imageclf.models import IMAGENET_MEAN
+    from imageclf.models.backbones import lite0_packaged_weights, read_state_dict
+    from imageclf.models.checkpoint import load_checkpoint
+    from imageclf.models.zoo import IMAGENET_MEAN
 
     params = tiny_params(
         train={
@@ -253,8 +253,8 @@ def test_imagenet_backbone_on_grayscale_data_says_to_set_channels(project):
 
 
 def test_from_scratch_models_normalise_with_per_channel_dataset_statistics(rgb_project):
-    from imageclf.checkpoint import load_checkpoint
     from imageclf.data.store import load_dataset, split_train_val
+    from imageclf.models.checkpoint import load_checkpoint
 
     train.run(tiny_params(), rgb_project)
     _, spec, _ = load_checkpoint(rgb_project.checkpoint)

@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from imageclf.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from imageclf.models import (
+from imageclf.data.transforms import prepare_image, random_augment, to_model_input
+from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from imageclf.models.zoo import (
     FlipTTA,
     available_models,
     build_model,
     fold_batchnorm,
     model_contract,
 )
-from imageclf.transforms import prepare_image, random_augment, to_model_input
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK", "1"])
@@ -170,7 +170,7 @@ def test_missing_checkpoint_says_which_stage_to_run(tmp_path):
 
 
 def test_serving_graph_scores_match_evaluation_and_expose_the_embedding():
-    from imageclf.models import ServingGraph
+    from imageclf.models.zoo import ServingGraph
 
     model = build_model("resnet_small", 10, 1, 8).eval()
     x = torch.rand(3, 1, 28, 28)

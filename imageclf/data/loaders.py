@@ -33,7 +33,7 @@ from torch.utils.data import (
 
 from imageclf.config import AugmentStep
 from imageclf.data.store import Split
-from imageclf.transforms import Augmentation, build_augmentation, to_model_input
+from imageclf.data.transforms import Augmentation, build_augmentation, to_model_input
 
 
 class NumberedBatch(NamedTuple):

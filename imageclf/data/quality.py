@@ -3,7 +3,7 @@
 Works on what ``download`` recorded (``files.csv``: one row per source file, from the one decode
 of :mod:`imageclf.data.scan`) or, for datasets without files (Fashion-MNIST), on the stored
 arrays. The result is two tables a person can read and Great Expectations can check
-(:mod:`imageclf.validation`): one row per file with a text column per kind of problem (empty
+(:mod:`imageclf.data.validation`): one row per file with a text column per kind of problem (empty
 when the file is fine), and one row per class and split with its count and share. A problem's
 text names the file, its class and the other files involved, so a failed expectation says what
 is wrong instead of "211 rows failed".

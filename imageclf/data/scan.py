@@ -2,7 +2,7 @@
 
 Decoding is the expensive part of a folder dataset, so each file is opened exactly once, in a
 process pool over the cores, and that one decode gives both the array the store keeps (through
-the shared :func:`imageclf.transforms.prepare_image`) and the facts the quality gate judges later
+the shared :func:`imageclf.data.transforms.prepare_image`) and the facts the quality gate judges later
 (size, pixel hash, perceptual hash, blur and brightness). A file that cannot be used is not an
 exception that stops the run: it becomes a row saying what is wrong with it, so one run lists
 every bad file.
@@ -44,7 +44,7 @@ from imageclf.data.store import (
     stratified_fraction,
 )
 from imageclf.stage import InvalidInput, StageError
-from imageclf.transforms import prepare_image
+from imageclf.data.transforms import prepare_image
 
 # Decoders allowed (EPS/PS would call Ghostscript). Phones' MPO files open through "JPEG".
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")

@@ -5,7 +5,7 @@ and decorate it with ``@register("name")``; ``params.yaml`` ``train.model: name`
 everywhere (DVC stage, Prefect flow, export, serving) with no other change.
 
 Every model starts with :class:`Normalize`, so its input contract is the one of
-``imageclf.transforms.to_model_input`` (float32 NCHW in [0, 1]) and an exported ONNX file needs
+``imageclf.data.transforms.to_model_input`` (float32 NCHW in [0, 1]) and an exported ONNX file needs
 no side-channel knowledge of dataset statistics.
 """
 
@@ -24,7 +24,7 @@ from imageclf.stage import InvalidInput
 ModelFactory = Callable[..., nn.Module]
 # A layer-group layout: the backbone's groups from the bottom (input side) up, each a list of
 # submodule names of the body, the classifier excluded. Transfer learning freezes, unfreezes and
-# sets learning rates per group (imageclf.transfer).
+# sets learning rates per group (imageclf.training.transfer).
 GroupLayout = Callable[[nn.Sequential], list[list[str]]]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -240,10 +240,10 @@ def vit_tiny(
     """A small vision transformer: 4x4 patches (49 tokens for 28x28), ``2 * width``-wide tokens,
     4 pre-norm blocks of 4-head self-attention and a GELU MLP, mean-pooled.
 
-    Built from ``imageclf.layers`` (softmax, GELU, RMSNorm and attention written out). It has
+    Built from ``imageclf.models.layers`` (softmax, GELU, RMSNorm and attention written out). It has
     no convolutional prior (locality comes only from the patches and what attention learns),
     so expect it to need more epochs than ``resnet_small``: ``train.model: vit_tiny``."""
-    from imageclf.layers import PatchEmbedding, TokenPool, TransformerBlock
+    from imageclf.models.layers import PatchEmbedding, TokenPool, TransformerBlock
 
     if image_size % patch:
         raise InvalidInput(
@@ -342,8 +342,8 @@ class ServingGraph(nn.Module):
 
 
 def _register_backbones() -> None:
-    """Pretrained backbones live in :mod:`imageclf.backbones` and register themselves there."""
-    from imageclf import backbones  # noqa: F401  (import for its registrations)
+    """Pretrained backbones live in :mod:`imageclf.models.backbones` and register themselves there."""
+    from imageclf.models import backbones  # noqa: F401  (import for its registrations)
 
 
 _register_backbones()

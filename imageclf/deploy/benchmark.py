@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from imageclf.export import INPUT_NAME, load_torchscript, ort_session
+from imageclf.data.transforms import to_model_input
+from imageclf.deploy.export import INPUT_NAME, load_torchscript, ort_session
+from imageclf.deploy.optimize import time_call
 from imageclf.metric_names import PYTORCH_EAGER, TORCH_COMPILE, TORCHSCRIPT
-from imageclf.optimize import time_call
-from imageclf.transforms import to_model_input
 
 
 def summarize(latencies_ms: list[float], batch: int) -> dict[str, float]:

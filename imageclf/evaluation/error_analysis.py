@@ -312,7 +312,7 @@ def write_error_analysis(
 ) -> dict[str, Any]:
     """Write the gallery PNG, the confused-pairs PNG and the HTML page; return what they show
     (class names, not indices) for the evaluate report."""
-    from imageclf.metrics import confusion_matrix
+    from imageclf.evaluation.metrics import confusion_matrix
 
     losses = top_losses(probabilities, labels, top_k)
     pairs = most_confused(confusion_matrix(labels, probabilities.argmax(1), len(classes)))

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from imageclf.data.transforms import to_model_array, to_model_input
+from imageclf.deploy.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
 from imageclf.io import archive_bytes, write_bytes, write_with
-from imageclf.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
-from imageclf.transforms import to_model_array, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (eval mode, CPU) with batch as a dynamic dimension, atomically.
 
-    A model returning a tuple (a :class:`~imageclf.models.ServingGraph`) gets the outputs
+    A model returning a tuple (a :class:`~imageclf.models.zoo.ServingGraph`) gets the outputs
     ``logits`` and ``embedding``; a plain classifier gets ``logits``.
     """
     model = model.eval().cpu()

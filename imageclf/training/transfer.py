@@ -1,7 +1,7 @@
 """Transfer learning the way practitioners do it: layer groups, gradual unfreezing,
 discriminative learning rates, frozen batch norm, and features computed once for a linear head.
 
-Layer groups come from the model registry (``imageclf.models.register(groups=...)``; e.g. Lite0:
+Layer groups come from the model registry (``imageclf.models.zoo.register(groups=...)``; e.g. Lite0:
 stem, seven block stages, head conv; ResNet: stem, layer1..4). Depth 0 is the classifier, depth 1
 the group just below it, and so on down to the stem. With ``train.layer_lr_decay`` d, a group at
 depth k learns at ``train.lr * d**k`` (fastai's discriminative learning rates: the early layers
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from imageclf.config import TrainParams
-from imageclf.transforms import to_model_input
+from imageclf.data.transforms import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ log = logging.getLogger(__name__)
 def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
     """The model's layer groups from the top: ``[[classifier], top group, ..., stem]``.
 
-    From the layout :func:`imageclf.models.build_model` records on the body; a module of the
+    From the layout :func:`imageclf.models.zoo.build_model` records on the body; a module of the
     backbone in no group (none today) joins the lowest group, so every parameter has a depth."""
     body = model[-1]
     names = getattr(body, "layer_groups", None)
     if names is None:
-        from imageclf.models import default_groups
+        from imageclf.models.zoo import default_groups
 
         names = default_groups(body)
     groups = [[body.get_submodule(n) for n in group] for group in reversed(names)]

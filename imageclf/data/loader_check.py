@@ -27,9 +27,9 @@ from torch import nn
 from imageclf.config import AugmentStep, DataloaderCheckParams
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import FILE_TABLE, Split
-from imageclf.engine import seed_everything
+from imageclf.training.engine import seed_everything
 from imageclf.stage import StageError
-from imageclf.transforms import prepare_image
+from imageclf.data.transforms import prepare_image
 
 
 class OverfitFailed(StageError):

@@ -11,7 +11,7 @@ every stride-2 input side is even (an image size that is a multiple of 32: 96, 1
 
 torchvision's architectures are built with ``weights=None``; their weights come only from a
 local file the user names in ``train.pretrained`` (e.g. a ``resnet18-f37072fd.pth`` downloaded
-once by hand). Every model keeps the contract of :mod:`imageclf.models`: the body is an
+once by hand). Every model keeps the contract of :mod:`imageclf.models.zoo`: the body is an
 ``nn.Sequential`` whose last module is a new classifier for the dataset's classes.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imageclf.models import IMAGENET_MEAN, IMAGENET_STD, InputContract, register
+from imageclf.models.zoo import IMAGENET_MEAN, IMAGENET_STD, InputContract, register
 from imageclf.stage import InvalidInput
 
 IMAGENET_RGB_224 = InputContract(size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -47,7 +47,7 @@ BN_MOMENTUM = 0.01  # PyTorch's spelling of TensorFlow's 0.99
 class ConvBNAct(nn.Sequential):
     """[fixed SAME padding,] conv without bias, batch norm, optional ReLU6.
 
-    A Sequential with ``conv`` right before ``bn``, so :func:`imageclf.models.fold_batchnorm`
+    A Sequential with ``conv`` right before ``bn``, so :func:`imageclf.models.zoo.fold_batchnorm`
     folds it like every other model's conv/BN pair."""
 
     def __init__(

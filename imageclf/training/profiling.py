@@ -1,11 +1,11 @@
 """torch.profiler over a few real training steps: where does step time go?
 
-The step is the same as in ``imageclf.engine`` (the loader with the train.augment policy and
-train.class_balance, forward, backward, step), with each phase wrapped in ``record_function`` so
-the Chrome trace reads like the code. Augmentation happens inside the loader (in its workers, if
-any), so it is part of the data wait; without workers its own ``augment`` range shows inside
-``data_wait`` in the trace. The share of time spent waiting for data is measured with wall-clock
-timers around ``next(loader)``.
+The step is the same as in ``imageclf.training.engine`` (the loader with the train.augment
+policy and train.class_balance, forward, backward, step), with each phase wrapped in
+``record_function`` so the Chrome trace reads like the code. Augmentation happens inside the
+loader (in its workers, if any), so it is part of the data wait; without workers its own
+``augment`` range shows inside ``data_wait`` in the trace. The share of time spent waiting for
+data is measured with wall-clock timers around ``next(loader)``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 from imageclf.config import ProfileParams, TrainParams
 from imageclf.data.loaders import LoaderSettings, class_weights, make_loader
 from imageclf.data.store import Split
-from imageclf.engine import make_optimizer, seed_everything
-from imageclf.models import split_head
+from imageclf.models.zoo import split_head
+from imageclf.training.engine import make_optimizer, seed_everything
 
 
 def profile_training(

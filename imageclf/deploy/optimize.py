@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from imageclf.export import INPUT_NAME, ort_logits, ort_session
-from imageclf.models import fold_batchnorm
-from imageclf.transforms import to_model_array, to_model_input
+from imageclf.data.transforms import to_model_array, to_model_input
+from imageclf.deploy.export import INPUT_NAME, ort_logits, ort_session
+from imageclf.models.zoo import fold_batchnorm
 
 
 def time_call(fn: Callable[[], Any], warmup: int = 3, iterations: int = 20) -> list[float]:

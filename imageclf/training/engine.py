@@ -21,14 +21,14 @@ from torch import nn
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from imageclf import distributed
 from imageclf.config import TrainParams
 from imageclf.data.loaders import LoaderSettings, class_weights, make_loader
 from imageclf.data.store import Split
-from imageclf.models import FlipTTA, split_head
+from imageclf.data.transforms import to_model_input
+from imageclf.models.zoo import FlipTTA, split_head
 from imageclf.stage import StageError
-from imageclf.transfer import TransferPlan, extract_features
-from imageclf.transforms import to_model_input
+from imageclf.training import distributed
+from imageclf.training.transfer import TransferPlan, extract_features
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,16 @@ def train_model(
 ) -> TrainHistory:
     """Train ``model`` in place; return per-epoch metrics.
 
-    Under ``torchrun`` (see :mod:`imageclf.distributed`) each process trains a DDP replica on
-    its shard of ``train``; the metrics are then over all ranks and ``on_epoch_end`` runs on
-    rank 0 only, with the unwrapped model."""
+    Under ``torchrun`` (see :mod:`imageclf.training.distributed`) each process trains a DDP
+    replica on its shard of ``train``; the metrics are then over all ranks and ``on_epoch_end``
+    runs on rank 0 only, with the unwrapped model."""
     device = device or select_device()
     seed_everything(seed + distributed.rank())
     model.to(device=device, memory_format=torch.channels_last)
     if distributed.world_size() > 1:
         train = train.subset(distributed.shard_indices(len(train), seed))
-    # Transfer learning (imageclf.transfer): frozen and unfrozen layer groups, discriminative
-    # LRs, frozen BN, or a head on cached features; None for plain training.
+    # Transfer learning (imageclf.training.transfer): frozen and unfrozen layer groups,
+    # discriminative LRs, frozen BN, or a head on cached features; None for plain training.
     pretrained = bool(cfg.pretrained or cfg.init_from)
     plan = None
     if TransferPlan.needed(cfg, pretrained):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from imageclf.io import archive_bytes, write_bytes
-from imageclf.models import (
+from imageclf.models.zoo import (
     build_model,
     check_channels,
     fold_batchnorm,
@@ -122,7 +122,7 @@ def load_serving_model(paths: ProjectPaths, tta_flip: bool) -> tuple[nn.Module, 
     """The model as it is exported and served: the optimized checkpoint when the optimize stage
     wrote one (else the trained one) as a :class:`ServingGraph` (scores with flip TTA when
     evaluation uses it, plus the embedding), so that what is served is what was evaluated."""
-    from imageclf.models import ServingGraph
+    from imageclf.models.zoo import ServingGraph
 
     source = (
         paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imageclf.config import ServingParams
+from imageclf.data.transforms import prepare_image, to_model_array
 from imageclf.metric_names import SERVED_LATENCY_METRIC
-from imageclf.transforms import prepare_image, to_model_array
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def decode_image(
 
     The pixel count is checked from the header before any pixel is decoded, so a small file that
     expands to gigabytes (a decompression bomb) costs nothing. Decoding itself is left to the
-    shared :func:`~imageclf.transforms.prepare_image`, which can ask a JPEG decoder for a
+    shared :func:`~imageclf.data.transforms.prepare_image`, which can ask a JPEG decoder for a
     reduced scale first: a phone photo then never exists at full size in memory.
     """
     if not data:
@@ -188,7 +188,7 @@ class OnnxClassifier:
     """An exported model in ONNX Runtime, described by the metadata the export stage wrote."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
-        from imageclf.onnx_runtime import onnx_metadata, ort_session
+        from imageclf.deploy.onnx_runtime import onnx_metadata, ort_session
 
         self.path = Path(path)
         self.session = ort_session(self.path, threads)

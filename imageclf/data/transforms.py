@@ -1,7 +1,7 @@
 """Preprocessing shared by training, evaluation, export checks and serving, and the training
 augmentation policy.
 
-The model itself normalizes (see ``imageclf.models.Normalize``), so its input contract is simple:
+The model itself normalizes (see ``imageclf.models.zoo.Normalize``), so its input contract is simple:
 float32, shape (N, C, H, W), values in [0, 1]. Everything that feeds a model goes through
 :func:`prepare_image` (one decoded image -> uint8 HWC array) and :func:`to_model_input`
 (uint8 NHWC batch -> that contract). One function each, imported by every caller.

@@ -1,0 +1,1 @@
+"""Training: the loop (engine), transfer learning, DDP, and the profiler's view of a step."""

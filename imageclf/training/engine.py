@@ -116,6 +116,15 @@ def make_scheduler(
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop at the first non-finite loss, saying where: a learning rate or data problem."""
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"Loss became {loss.item()} at epoch {epoch}, step {step}: lower train.lr "
+            "or check the data."
+        )
+
+
 def _end_epoch(
     history: TrainHistory,
     epoch: int,
@@ -244,11 +253,7 @@ def train_model(
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = replica(images)
                 loss = criterion(logits, labels)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"Loss became {loss.item()} at epoch {epoch}, step {step}: lower train.lr "
-                    "or check the data."
-                )
+            check_finite(loss, epoch, step)
             scaler.scale(loss).backward()
             for p in frozen_params:  # DDP: no step for frozen groups (SGD and AdamW skip
                 p.grad = None  # parameters without a gradient), as requires_grad must stay
@@ -338,11 +343,7 @@ def fit_head_on_features(
             optimizer.zero_grad(set_to_none=True)
             logits = head(x)
             loss = criterion(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"Loss became {loss.item()} at epoch {epoch}, step {step}: lower train.lr "
-                    "or check the data."
-                )
+            check_finite(loss, epoch, step)
             loss.backward()
             if cfg.grad_clip_norm > 0:
                 nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip_norm)

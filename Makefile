@@ -34,13 +34,15 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # System packages from Debian: the offline copy of Fashion-MNIST, Chromium for the web-page
-# test, wrk for the serving benchmark. Without root/apt, say what will not work instead.
-SYSTEM_PACKAGES := dataset-fashion-mnist chromium wrk
+# test, wrk for the serving benchmark, PostgreSQL and Prometheus (promtool) for team mode. Without root/apt, say what will not work instead.
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium wrk postgresql prometheus
 dataset:
 	@missing=""; \
 	[ -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -z "$$missing" ]; then \
 		echo "system packages: present ($(SYSTEM_PACKAGES))"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

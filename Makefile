@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup dataset run repro photos train-ddp test test-fast lint format mlflow-ui clean
+.PHONY: help setup dataset run repro photos train-ddp test test-fast lint format mlflow-ui clean audit serve team-up team-down team-status containerize
 
 help:
 	@echo "make run        set up, then run the whole DVC pipeline (dvc repro)"
@@ -24,6 +24,10 @@ help:
 	@echo "make train-ddp  the train stage with DDP over NPROC processes (default 2; torchrun)"
 	@echo "make lint       ruff check + format check + lint-imports (layer rules)"
 	@echo "make mlflow-ui  open the MLflow UI on the project's SQLite store"
+	@echo "make audit      pip-audit of the environment (fails unless every package was checked)"
+	@echo "make team-up    team mode on loopback: PostgreSQL, MLflow + Prefect servers, worker, service"
+	@echo "make team-status / team-down   what runs where / stop it all (the data stays in .team/)"
+	@echo "make containerize  bentoml build + bentoml containerize (needs a Docker engine)"
 
 setup: $(STAMP) dataset
 
@@ -97,3 +101,37 @@ mlflow-ui: $(STAMP)
 # Also the workspaces that failed training-flow runs kept for inspection (.dvc/tmp/flows).
 clean:
 	rm -rf reports/validation-failed .pytest_cache .dvc/tmp/flows
+
+# Dependency audit: pip-audit over the venv, judged by tools/audit.py, which fails (exit 2)
+# when pip-audit could not check every package (an unreachable vulnerability service makes
+# pip-audit itself print "No known vulnerabilities found"). AUDIT_SERVICE=pypi|osv.
+AUDIT_SERVICE ?= pypi
+audit: $(STAMP)
+	$(BIN)/python tools/audit.py --service $(AUDIT_SERVICE)
+
+# The service on this machine only (127.0.0.1). Another address is a choice you make out loud:
+# `make serve HOST=0.0.0.0` (then set IMAGECLF_API_TOKEN, see the README's "Safe defaults").
+# Plain `=`, not `?=`: an environment variable HOST (zsh sets it to the machine's name) must not
+# widen the binding; only the command line overrides these.
+HOST = 127.0.0.1
+PORT = 3000
+serve: $(STAMP)
+	$(BIN)/bentoml serve services.service:ImageClassifier --host $(HOST) --port $(PORT)
+
+# Team mode (docs/team-mode.md): the shared servers, in .team/ (params.yaml's team section).
+team-up: setup
+	$(BIN)/python -m ops.team up
+
+team-down:
+	$(BIN)/python -m ops.team down
+
+team-status:
+	$(BIN)/python -m ops.team status
+
+# The service as an OCI image: the bento first (works anywhere), then the image, which needs a
+# Docker engine (none on the machines this project is developed on: say so and stop).
+containerize: $(STAMP)
+	$(BIN)/bentoml build
+	@command -v docker >/dev/null || { echo "make containerize: no docker command: install Docker (or Podman as docker) where an engine runs, then rerun. The bento is built: bentoml list imageclf"; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make containerize: no Docker engine answers (docker info failed): start one (systemctl start docker) or run this where one runs. The bento is built: bentoml list imageclf"; exit 1; }
+	$(BIN)/bentoml containerize imageclf:latest

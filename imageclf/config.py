@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -210,6 +217,20 @@ class ServingParams(_Section):
     max_request_bytes: int = Field(ge=1024)
     max_images_per_request: int = Field(ge=1)
     max_image_pixels: int = Field(ge=64)
+    # Multipart forms: the size of a text field or of a part's headers, and of an upload's file
+    # name (BentoML names its temp file after it; the file system allows 255 bytes).
+    max_field_bytes: int = Field(ge=64)
+    max_filename_bytes: int = Field(ge=16, le=240)
+    # Threads per worker that decode uploads, off the event loop.
+    decode_threads: int = Field(ge=1)
+    # Images waiting for the model per worker; beyond it, 503 with Retry-After: retry_after_s.
+    max_queue_images: int = Field(ge=1)
+    retry_after_s: int = Field(ge=1)
+    # The async-task store: at most max_tasks tasks and max_task_bytes stored bytes; each task
+    # and its result live task_lifetime_s seconds after submission.
+    max_tasks: int = Field(ge=1)
+    max_task_bytes: int = Field(ge=1 << 20)
+    task_lifetime_s: float = Field(gt=0)
     # Adaptive batching: wait at most max_latency_ms to gather up to max_batch_size images.
     max_batch_size: int = Field(ge=1)
     max_latency_ms: float = Field(ge=0)
@@ -224,6 +245,22 @@ class ServingParams(_Section):
     # Test images stored with each model version (by the reference stage) for the web page to
     # offer as click-to-classify examples, spread over the classes; 0: none.
     examples: int = Field(ge=0)
+    # The champion's lifecycle (imageclf/deploy/champion.py): how often each worker looks up the
+    # alias, how long a registry call may take before the registry counts as down, and whether a
+    # version registered without its file's SHA-256 may be served (unverified, with a warning).
+    poll_seconds: float = Field(gt=0)
+    registry_timeout_s: int = Field(ge=1)
+    require_sha256: bool
+
+    @model_validator(mode="after")
+    def _one_request_always_fits(self) -> ServingParams:
+        """A full request must fit an empty inference queue and an empty task store, else it
+        could never be served however idle the service is."""
+        if self.max_queue_images < self.max_images_per_request:
+            raise ValueError("serving.max_queue_images must be >= max_images_per_request")
+        if self.max_task_bytes < self.max_request_bytes * 4 // 3:
+            raise ValueError("serving.max_task_bytes must be >= 4/3 of max_request_bytes")
+        return self
 
 
 class MonitoringParams(_Section):
@@ -243,6 +280,24 @@ class MonitoringParams(_Section):
     log_images: bool
 
 
+class TeamParams(_Section):
+    # Team mode (ops/team.py): PostgreSQL, MLflow, Prefect server + worker and the service.
+    folder: str
+    host: str
+    postgres_port: int = Field(ge=1, le=65535)
+    postgres_user: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
+    mlflow_port: int = Field(ge=1, le=65535)
+    prefect_port: int = Field(ge=1, le=65535)
+    service_port: int = Field(ge=1, le=65535)
+    prometheus_port: int = Field(ge=1, le=65535)
+    mlflow_workers: int = Field(ge=1)
+    worker_poll_s: float = Field(gt=0)
+    # A local folder or a URL (s3://, ssh://); empty: no DVC remote.
+    dvc_remote: str
+    start_timeout_s: float = Field(gt=0)
+    schedule_monitoring: bool
+
+
 class Params(_Section):
     seed: int
     data: DataParams
@@ -257,6 +312,7 @@ class Params(_Section):
     registry: RegistryParams
     serving: ServingParams
     monitoring: MonitoringParams
+    team: TeamParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

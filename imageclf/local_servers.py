@@ -30,27 +30,39 @@ def start(
     cwd: Path | None = None,
     ready_url: str | None = None,
     timeout: float = 120.0,
+    log_path: Path | None = None,
 ) -> subprocess.Popen:
     """Start ``cmd`` in a new process group; with ``ready_url``, wait until it answers 200.
 
-    Its output goes to a temporary log file (``proc.log_path``), not a pipe: a chatty server
-    would block once an unread pipe fills up.
+    Its output goes to a log file (``log_path``, else a temporary one; ``proc.log_path``), not
+    a pipe: a chatty server would block once an unread pipe fills up.
     """
-    log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
+    if log_path is None:
+        log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = log_path.open("ab")
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     log.close()
     proc.log_path = Path(log.name)  # type: ignore[attr-defined]
-    if ready_url is None:
-        return proc
+    if ready_url is not None:
+        wait_ready(proc, ready_url, timeout)
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, ready_url: str, timeout: float) -> None:
+    """Wait until ``ready_url`` answers 200; raise with the server's output if it exits or
+    does not answer in time (and stop it then)."""
+    cmd = proc.args if isinstance(proc.args, list) else [str(proc.args)]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{output(proc)}")
         try:
             if httpx.get(ready_url, timeout=2).status_code == 200:
-                return proc
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -76,3 +88,29 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         proc.wait(timeout=grace)
     except ProcessLookupError:
         pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stop_group(pgid: int, grace: float = 20.0) -> None:
+    """Stop a process group this process did not start (no Popen to wait on): SIGTERM, then
+    SIGKILL whatever is left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not group_alive(pgid):
+                return
+            time.sleep(0.2)

@@ -50,6 +50,10 @@ COMPARABLE_BY = {
 REFERENCE_TAG = "monitoring_reference"
 # The version tag naming the run artifact that holds the test images its web page shows.
 EXAMPLES_TAG = "example_images"
+# The version tag holding the SHA-256 of the ONNX file as stored in the artifact store: the
+# service refuses a file that does not hash to it (corrupt or tampered), and registering the
+# same file twice is recognised by it.
+SHA256_TAG = "onnx_sha256"
 
 
 @dataclass
@@ -112,7 +116,9 @@ def log_and_register(
     The new version gets the alias ``challenger``; its monitoring ``reference`` (the summaries
     of the training data made with this very model) is stored with it, so whichever version is
     served is watched against its own reference, and so are its ``examples`` (test images of
-    its own classes and input size for the web page). Returns the version number.
+    its own classes and input size for the web page). The stored file's SHA-256 is recorded
+    as the version tag ``onnx_sha256``, which the service verifies before serving it. Returns
+    the version number.
     """
     import mlflow
     import onnx
@@ -124,9 +130,12 @@ def log_and_register(
     session = ort_session(onnx_path)
     names = [o.name for o in session.get_outputs()]
     output = dict(zip(names, session.run(None, {"images": example}), strict=True))
+    proto = onnx.load(str(onnx_path))
+    # MLflow writes the file from this proto (onnx.save_model, no external data): these bytes.
+    digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)),
+            proto,
             name="onnx_model",
             signature=infer_signature(example, output),
             input_example=example,
@@ -150,6 +159,9 @@ def log_and_register(
     registry.set_registered_model_alias(name, CHALLENGER, version)
     for key, value in (tags or {}).items():
         registry.set_model_version_tag(name, version, key, value)
+    if (tags or {}).get(SHA256_TAG, digest) != digest:
+        log.warning("%s differs from the stored file's: recording the stored file's", onnx_path)
+    registry.set_model_version_tag(name, version, SHA256_TAG, digest)
     log.info("registered %s version %s as %s", name, version, CHALLENGER)
     return version
 
@@ -389,13 +401,13 @@ def register_workspace(
         "source": "dvc repro",
         **comparability_tags(paths.onnx, list(dataset.classes), dataset.meta["test_hash"]),
         **(extra_tags or {}),
-        "onnx_sha256": digest,
+        SHA256_TAG: digest,
     }
     name = params.registry.model_name
     registry = client(tracking)
     if registry.search_registered_models(f"name = '{name}'"):
         for version in registry.search_model_versions(f"name = '{name}'"):
-            if version.tags.get("onnx_sha256") == digest:
+            if version.tags.get(SHA256_TAG) == digest:
                 for key, value in tags.items():  # the run still records where it came from
                     registry.set_tag(run_id, key, value)
                 log.info("this model is already version %s: nothing to register", version.version)

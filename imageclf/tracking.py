@@ -9,11 +9,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from imageclf.paths import ProjectPaths
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|token|access_token|secret|key|sig|signature)=)"
+    r"[^&;#\s]*",
+    re.IGNORECASE,
+)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` fit to show: a password or token in it (``http://user:secret@host``,
+    ``postgresql://u:p@db/x``, ``?password=``) replaced by ``***``; the rest kept, so a message
+    still says which server it meant."""
+    return scrub_credentials(uri)
+
+
+def scrub_credentials(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***`` (for messages that
+    may quote a tracking URI, a database URL or an exception that does)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
 def tracking_uri(paths: ProjectPaths) -> str:

@@ -16,6 +16,11 @@ show each stage as its own task with its own log:
    pushes its ref into the project, so ``dvc exp show`` there lists it and ``dvc exp apply``
    restores it (the outputs are already in the shared cache).
 
+With a default DVC remote (team mode: ``team`` in .dvc/config.local), :func:`pull_outputs` fills
+the cache from it before step 3 (a worker on another machine starts from what the team already
+computed; an object the remote lacks is simply recomputed) and :func:`push_outputs` publishes the
+run's outputs after step 4.
+
 Nothing here imports Prefect: ``pipelines/training_flow.py`` wires it into tasks.
 """
 
@@ -240,6 +245,33 @@ def repro_stage(
     output = _run_dvc(workspace.root, ["repro", "--single-item", stage], env, on_line)
     ran = not SKIPPED.search(output)
     return StageOutcome(stage, ran, round(time.perf_counter() - started, 2))
+
+
+def default_remote(root: Path) -> str | None:
+    """The name of the checkout's default DVC remote (``core.remote``), None without one."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.config["core"].get("remote") or None
+
+
+def pull_outputs(
+    workspace: Workspace, remote: str, on_line: Callable[[str], None] | None = None
+) -> bool:
+    """Fetch and check out the outputs dvc.lock names from ``remote``; objects the remote does
+    not have are no error: their stages run and produce them. False: no dvc.lock, nothing to
+    pull (the pipeline never ran on this branch)."""
+    if not (workspace.root / "dvc.lock").is_file():
+        return False
+    _run_dvc(workspace.root, ["pull", "--allow-missing", "-r", remote], os.environ, on_line)
+    return True
+
+
+def push_outputs(
+    workspace: Workspace, remote: str, on_line: Callable[[str], None] | None = None
+) -> None:
+    """Upload the cached outputs of the workspace's dvc.lock to ``remote``."""
+    _run_dvc(workspace.root, ["push", "-r", remote], os.environ, on_line)
 
 
 def uncached_outputs(root: Path) -> list[str]:

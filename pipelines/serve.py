@@ -4,60 +4,66 @@
     python -m pipelines.serve            # terminal 2: registers the deployments, runs what's asked
     open http://127.0.0.1:4200/deployments -> imageclf-training/train -> Run -> Custom run
 
-The deployment's default parameters are the current params.yaml values, so the UI form shows
-what a run would use; change any of them for one run.
+This is the single-machine path. The deployments themselves are declared once, in prefect.yaml
+(name, description, tags, parameters), which team mode creates with `prefect deploy --all` for
+a work pool's workers (``make team-up``). Here the training form also shows the current
+params.yaml values, so the UI shows what a run would use; change any of them for one run.
 """
 
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 from prefect import serve
 
 from imageclf.config import load_params
 from imageclf.paths import get_paths
+from pipelines.deployments import MONITORING, TRAINING, declared_deployments
 from pipelines.training_flow import training_flow
 
-DEPLOYMENT = "train"
+DEPLOYMENT = TRAINING
+MONITORING_DEPLOYMENT = MONITORING
+
+
+def training_form_defaults(root: Path | None = None) -> dict[str, Any]:
+    """The training form's fields filled with this checkout's params.yaml values."""
+    params = load_params(get_paths(root).params if root else get_paths().params)
+    return {
+        "model": params.train.model,
+        "epochs": params.train.epochs,
+        "lr": params.train.lr,
+        "batch_size": params.train.batch_size,
+        "width": params.train.width,
+        "fraction": params.data.fraction,
+    }
 
 
 def training_deployment(limit_concurrency: bool = True):  # type: ignore[no-untyped-def]
-    params = load_params(get_paths().params)
+    spec = declared_deployments(get_paths().root)[DEPLOYMENT]
+    limit = spec.get("concurrency_limit") if limit_concurrency else None
     return training_flow.to_deployment(
         name=DEPLOYMENT,
-        description="Run dvc.yaml's pipeline as a DVC experiment with these parameters (DVC "
-        "skips unchanged stages), register the model, and promote it to champion when it is "
-        "comparable with the current one and at least as good. set_params: more overrides "
-        "as KEY=VALUE, like `dvc exp run -S`.",
-        parameters={
-            "model": params.train.model,
-            "epochs": params.train.epochs,
-            "lr": params.train.lr,
-            "batch_size": params.train.batch_size,
-            "width": params.train.width,
-            "fraction": params.data.fraction,
-            "set_params": [],
-            "promote": True,
-        },
-        tags=["imageclf", "training"],
-        # Each run has a workspace of its own and promotions are serialized, but two trainings
-        # at once on one machine would only slow each other down: one at a time.
-        concurrency_limit=1 if limit_concurrency else None,
+        description=spec["description"],
+        parameters={**training_form_defaults(), **spec["parameters"]},
+        tags=spec["tags"],
+        concurrency_limit=limit,
     )
 
 
 def monitoring_deployment():  # type: ignore[no-untyped-def]
-    from datetime import timedelta
-
     from pipelines.monitoring_flow import monitoring_flow
 
+    spec = declared_deployments(get_paths().root)[MONITORING_DEPLOYMENT]
     params = load_params(get_paths().params)
     return monitoring_flow.to_deployment(
-        name="monitor",
-        description="Drift check of the service's recent predictions against the training data.",
+        name=MONITORING_DEPLOYMENT,
+        description=spec["description"],
         interval=timedelta(minutes=params.monitoring.check_every_minutes),
-        parameters={"last": 500, "retrain_on_drift": False},
-        tags=["imageclf", "monitoring"],
+        parameters=spec["parameters"],
+        tags=spec["tags"],
     )
 
 

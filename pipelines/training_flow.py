@@ -31,8 +31,11 @@ from pipelines.dvc_experiment import (
     StageOutcome,
     Workspace,
     create_workspace,
+    default_remote,
     experiment_name,
     pipeline_stages,
+    pull_outputs,
+    push_outputs,
     remove_workspace,
     repro_stage,
     save_experiment,
@@ -74,6 +77,29 @@ def prepare(overrides: dict[str, Any]) -> Workspace:
         applied or "none",
     )
     return workspace
+
+
+@task(name="dvc-pull", cache_policy=NO_CACHE)
+def pull(workspace: Workspace) -> str | None:
+    """Start from the team's outputs: pull what dvc.lock names from the default DVC remote."""
+    logger = get_run_logger()
+    remote = default_remote(workspace.root)
+    if remote is None:
+        logger.info("no DVC remote configured: starting from this machine's cache")
+        return None
+    if pull_outputs(workspace, remote, on_line=logger.info):
+        logger.info("pulled from DVC remote %s (missing objects are recomputed)", remote)
+    else:
+        logger.info("nothing to pull from DVC remote %s: no dvc.lock on this branch yet", remote)
+    return remote
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def push(workspace: Workspace, remote: str) -> None:
+    """Publish this run's outputs to the team's DVC remote."""
+    logger = get_run_logger()
+    push_outputs(workspace, remote, on_line=logger.info)
+    logger.info("pushed the outputs to DVC remote %s", remote)
 
 
 @task(cache_policy=NO_CACHE)
@@ -172,6 +198,7 @@ def training_flow(
     workspace = prepare(overrides)
     outcomes: list[StageOutcome] = []
     try:
+        remote = pull(workspace)
         for spec in pipeline_stages(workspace.root):
             stage_task = dvc_stage.with_options(
                 name=spec.name, retries=spec.retries, retry_delay_seconds=5
@@ -181,6 +208,8 @@ def training_flow(
         logger.error("the experiment's workspace is kept for inspection: %s", workspace.root)
         raise
     commit = save(workspace)
+    if remote is not None:
+        push(workspace, remote)
     registered = register(workspace, commit, tracking)
     decision = promote_task(workspace, registered["version"], tracking) if promote else None
     accuracy = read_json(get_paths(workspace.root).evaluate_report)["test_accuracy"]
@@ -195,6 +224,7 @@ def training_flow(
             f"| DVC experiment | `{workspace.name}` ({commit[:8]}) |\n"
             f"| stages run | {', '.join(ran) or 'none'} |\n"
             f"| stages skipped (unchanged) | {', '.join(skipped) or 'none'} |\n"
+            f"| DVC remote (pulled, pushed) | {remote or 'none'} |\n"
             f"| test accuracy | {accuracy:.4f} |\n| MLflow run | `{registered['run_id']}` |\n"
             f"| registered version | {registered['version']} |\n"
             f"| promotion | {decision['reason'] if decision else 'skipped'} |\n"
@@ -211,6 +241,7 @@ def training_flow(
         "overrides": overrides,
         "stages_run": ran,
         "stages_skipped": skipped,
+        "dvc_remote": remote,
     }
 
 

@@ -1,23 +1,49 @@
-"""ASGI middlewares that bound what one request may cost.
+"""ASGI middlewares that bound what one request may cost, and keep every refusal a clear 4xx.
 
-* ``BodySizeLimit`` refuses oversized request bodies before anything reads them, and lets a
-  client that hangs up mid-upload go quietly (no traceback per dropped connection).
+* ``ErrorBodies`` gives every error answer one shape, ``{"error": "<what is wrong>"}`` (BentoML's
+  404/405 are plain text, its 4xx a one-element list, pydantic's a count of errors), with any
+  credentials of a URL scrubbed out.
+* ``ApiToken`` asks for ``Authorization: Bearer <token>`` when the service has a token.
+* ``BodySizeLimit`` refuses oversized request bodies: by Content-Length before anything reads
+  them, and by counting while a chunked body streams in.
+* ``UploadForms`` checks a multipart upload's structure while it streams in (field names, files
+  where files belong, how many, the text fields' sizes), before BentoML's own form parsing sees
+  it: that code answers 500 for a text value in a file field, a wrong field name, too many parts
+  or a broken body, and it fetches a URL given as a "file".
+* ``TaskLimit`` bounds BentoML's async-task store by count, bytes and lifetime.
 * ``RequestTimeout`` is BentoML's ``traffic.timeout`` middleware without its leak (see there);
   ``install_request_timeout`` puts it in BentoML's place.
+
+A middleware that refuses a body the app is already reading hands the app a disconnect (so the
+app stops, as it would for a vanished client), swallows whatever the app answers to that, and
+sends its own 4xx: the client gets the reason, never a 500 or a dropped connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from imageclf.tracking import scrub_credentials
+
 Scope = dict[str, Any]
+Headers = list[tuple[bytes, bytes]]
 
 
-async def send_json_error(send: Any, status: int, message: str) -> None:
+async def send_json_error(
+    send: Any, status: int, message: str, headers: Headers | None = None
+) -> None:
     """Answer ``{"error": message}`` with ``status`` straight from a middleware."""
     body = json.dumps({"error": message}).encode()
     await send(
@@ -27,10 +53,70 @@ async def send_json_error(send: Any, status: int, message: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or []),
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class Refusal(Exception):
+    """A request refused by a middleware: the status, the message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: Headers | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+BodyCheck = Callable[[bytes, bool], None]
+
+
+async def run_checked(app: Any, scope: Scope, receive: Any, send: Any, check: BodyCheck) -> None:
+    """Run ``app`` while ``check(chunk, last)`` sees each body chunk; a Refusal it raises
+    becomes the answer (the app sees a disconnect and its own answer is dropped)."""
+    refusal: Refusal | None = None
+    started = False
+
+    async def checked_receive() -> dict[str, Any]:
+        nonlocal refusal
+        if refusal is not None:
+            return {"type": "http.disconnect"}
+        message = await receive()
+        if message["type"] == "http.request":
+            try:
+                check(message.get("body", b""), not message.get("more_body", False))
+            except Refusal as exc:
+                refusal = exc
+                return {"type": "http.disconnect"}
+        return message
+
+    async def checked_send(message: dict[str, Any]) -> None:
+        nonlocal started
+        if refusal is not None:
+            return  # the app's answer to the disconnect we made up
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, checked_receive, checked_send)
+    except ClientDisconnect:
+        if refusal is None:  # the client is gone: nobody to answer, nothing went wrong
+            return
+    except Exception:
+        if refusal is None:
+            raise
+    if refusal is not None and not started:
+        await send_json_error(send, refusal.status, refusal.message, refusal.headers)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return value
+    return None
 
 
 class BodySizeLimit:
@@ -44,48 +130,434 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
+        declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send, int(declared))
+            await send_json_error(send, 413, self._message(int(declared)))
             return
         seen = 0
-        started = False
 
-        async def limited_receive() -> dict[str, Any]:
+        def count(chunk: bytes, last: bool) -> None:
             nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                raise Refusal(413, self._message(seen, streamed=True))
 
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        await run_checked(self.app, scope, receive, send, count)
 
+    def _message(self, size: int, streamed: bool = False) -> str:
+        size_text = "request body" if streamed else f"request body of {size} bytes"
+        return f"{size_text} is over the {self.max_bytes}-byte limit (serving.max_request_bytes)."
+
+
+@dataclass(frozen=True)
+class FormSpec:
+    """What one endpoint's multipart form may hold: file fields (with how many files each may
+    take) and text fields (at most once each)."""
+
+    files: dict[str, int]
+    values: frozenset[str]
+
+    def describe(self) -> str:
+        files = ", ".join(f"'{name}' (file)" for name in self.files)
+        values = ", ".join(f"'{name}'" for name in sorted(self.values))
+        return files + (f" and {values}" if values else "")
+
+
+class _FormChecker:
+    """Feeds a multipart body through python-multipart's streaming parser and refuses, as
+    early as it can tell, whatever ``spec`` does not allow."""
+
+    def __init__(
+        self, spec: FormSpec, boundary: bytes, max_field_bytes: int, max_filename_bytes: int
+    ) -> None:
+        self.spec = spec
+        self.max_field_bytes = max_field_bytes
+        self.max_filename_bytes = max_filename_bytes
+        self.counts: dict[str, int] = {}
+        self.parts = 0
+        self.ended = False
+        self.header_bytes = 0
+        self.header_name = b""
+        self.disposition = b""
+        self.value_field: str | None = None
+        self.value_bytes = 0
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_end": self._end,
+            },
+        )
+
+    def __call__(self, chunk: bytes, last: bool) -> None:
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send, seen)
-        except ClientDisconnect:  # the client is gone: nobody to answer, nothing went wrong
-            return
+            if chunk:
+                self.parser.write(chunk)
+            if last:
+                self.parser.finalize()
+        except FormParserError as exc:
+            raise Refusal(400, f"the multipart body is malformed ({exc}).") from exc
+        if last:
+            self._check_complete()
 
-    async def _reject(self, send: Any, size: int) -> None:
+    def _part_begin(self) -> None:
+        self.parts += 1
+        self.header_bytes = 0
+        self.header_name = b""
+        self.disposition = b""
+        self.value_field = None
+        self.value_bytes = 0
+
+    def _grow_headers(self, size: int) -> None:
+        # A part's headers: a file name (checked on its own below) and little else.
+        self.header_bytes += size
+        most = self.max_field_bytes + self.max_filename_bytes
+        if self.header_bytes > most:
+            raise Refusal(
+                400,
+                f"part {self.parts} has over {most} bytes of headers (serving.max_field_bytes "
+                "+ max_filename_bytes).",
+            )
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._grow_headers(end - start)
+        self.header_name += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._grow_headers(end - start)
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition += data[start:end]
+
+    def _header_end(self) -> None:
+        self.header_name = b""
+
+    def _headers_finished(self) -> None:
+        kind, options = parse_options_header(self.disposition)
+        name = options.get(b"name")
+        if kind != b"form-data" or name is None:
+            raise Refusal(
+                400,
+                f"part {self.parts} of the form has no 'Content-Disposition: form-data; "
+                f"name=...' header: this endpoint takes {self.spec.describe()}.",
+            )
+        field = name.decode("utf-8", "replace")
+        count = self.counts[field] = self.counts.get(field, 0) + 1
+        filename = options.get(b"filename")
+        if field in self.spec.files:
+            self._check_file(field, filename, count)
+        elif field in self.spec.values:
+            if filename is not None:
+                raise Refusal(400, f"'{field}' is a text field, not a file upload.")
+            if count > 1:
+                raise Refusal(400, f"the field '{field}' is given {count} times: send it once.")
+            self.value_field = field
+        else:
+            raise Refusal(
+                400, f"unknown field '{field}': this endpoint takes {self.spec.describe()}."
+            )
+
+    def _check_file(self, field: str, filename: bytes | None, count: int) -> None:
+        if filename is None:
+            raise Refusal(
+                400,
+                f"'{field}' must be a file upload (e.g. curl -F {field}=@photo.jpg), "
+                "not a text value; URLs are not fetched.",
+            )
+        base = filename.replace(b"\\", b"/").rsplit(b"/", 1)[-1]
+        if b"\0" in filename or len(base) > self.max_filename_bytes:
+            raise Refusal(
+                400,
+                f"the file name of '{field}' is over {self.max_filename_bytes} bytes or "
+                "holds a NUL byte (serving.max_filename_bytes): rename the file.",
+            )
+        most = self.spec.files[field]
+        if count > most:
+            if most == 1:
+                raise Refusal(400, f"'{field}' takes one file: send several to the batch endpoint.")
+            raise Refusal(
+                413,
+                f"over {most} files in '{field}': {most} images is the limit per request "
+                "(serving.max_images_per_request).",
+            )
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.value_field is None:
+            return
+        self.value_bytes += end - start
+        if self.value_bytes > self.max_field_bytes:
+            raise Refusal(
+                400,
+                f"the text field '{self.value_field}' is over {self.max_field_bytes} bytes "
+                "(serving.max_field_bytes).",
+            )
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def _check_complete(self) -> None:
+        if not self.ended:
+            raise Refusal(
+                400, "the multipart body ends before its closing boundary: it is truncated."
+            )
+        for field in self.spec.files:
+            if field not in self.counts:
+                raise Refusal(
+                    400,
+                    f"no image: send the file in the field '{field}' "
+                    f"(e.g. curl -F {field}=@photo.jpg).",
+                )
+
+
+class UploadForms:
+    """Multipart uploads checked against each endpoint's form, while the body streams in."""
+
+    def __init__(
+        self,
+        app: Any,
+        forms: dict[str, FormSpec],
+        max_field_bytes: int,
+        max_filename_bytes: int,
+    ) -> None:
+        self.app = app
+        self.forms = forms
+        self.max_field_bytes = max_field_bytes
+        self.max_filename_bytes = max_filename_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        spec = self.forms.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if spec is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        field = next(iter(spec.files))
+        how = f"send multipart/form-data with the image in the field '{field}' " + (
+            f"(e.g. curl -F {field}=@photo.jpg)."
+        )
+        content_type = _header(scope, b"content-type")
+        if content_type is None:
+            await send_json_error(send, 400, f"no image: {how}")
+            return
+        kind, options = parse_options_header(content_type)
+        if kind != b"multipart/form-data":
+            shown = kind.decode("latin-1")[:100] or "untyped"
+            await send_json_error(send, 415, f"a body of type {shown} cannot carry an image: {how}")
+            return
+        boundary = options.get(b"boundary")
+        if not boundary or len(boundary) > 70:  # RFC 2046: 1 to 70 characters
+            await send_json_error(
+                send, 400, f"multipart/form-data without a valid boundary parameter: {how}"
+            )
+            return
+        checker = _FormChecker(spec, boundary, self.max_field_bytes, self.max_filename_bytes)
+        await run_checked(self.app, scope, receive, send, checker)
+
+
+class ApiToken:
+    """401 unless ``Authorization: Bearer <token>``, when a token is set; ``open_paths``
+    (health, metrics, the page's HTML) stay open so probes and scrapers need no secret."""
+
+    def __init__(self, app: Any, token: str | None, open_paths: Iterable[str]) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if self.token is None or scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+            await self.app(scope, receive, send)
+            return
         await send_json_error(
             send,
-            413,
-            f"request body of {size} bytes is over the {self.max_bytes}-byte limit "
-            "(serving.max_request_bytes).",
+            401,
+            "this service needs an API token: send the header 'Authorization: Bearer <token>' "
+            "(the value of IMAGECLF_API_TOKEN where the service runs).",
+            [(b"www-authenticate", b"Bearer")],
         )
 
 
-class _TooLarge(Exception):
-    pass
+class ErrorBodies:
+    """Every answer of status 400 and above as ``{"error": "<message>"}``, credentials in URLs
+    scrubbed: one shape for clients to read, whichever layer refused the request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] | None = None
+        chunks: list[bytes] = []
+
+        async def rewriting_send(message: dict[str, Any]) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = json.dumps({"error": error_message(start, b"".join(chunks))}).encode()
+            headers = [
+                (k, v)
+                for k, v in start.get("headers", [])
+                if k.lower() not in (b"content-type", b"content-length")
+            ]
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewriting_send)
+
+
+def error_message(start: dict[str, Any], body: bytes) -> str:
+    """The message of an error answer, whatever shape its layer gave it."""
+    status = start["status"]
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = body.decode("utf-8", "replace").strip()
+    if isinstance(data, list) and len(data) == 1:  # BentoML's 4xx: [{"error": ...}]
+        data = data[0]
+    if isinstance(data, dict):
+        detail = data.get("detail")
+        if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+            # pydantic's errors: "1 validation error for Input" says less than where and what
+            data = "; ".join(
+                f"{'.'.join(str(p) for p in d.get('loc', []) if p not in ('body', 'path'))}"
+                f": {d.get('msg', '')}".lstrip(": ")
+                for d in detail
+            )
+        else:
+            data = data.get("error") or detail or ""
+    message = str(data) or HTTPStatus(status).phrase
+    if status == 404 and message == "Not Found":
+        message = "no such endpoint: see /docs.json for the API."
+    elif status == 405 and message == "Method Not Allowed":
+        message = "this endpoint does not take that method (the API endpoints take POST)."
+    return scrub_credentials(message)
+
+
+class TaskLimit:
+    """BentoML's async-task store bounded by count, bytes and lifetime.
+
+    BentoML keeps every submitted task's whole request body (base64) and its result in one
+    SQLite file shared by the workers, for 24 hours, with no limit. Here every request to a
+    task route first drops tasks older than ``lifetime_s`` (results a client did not fetch in
+    time), and a submission that would take the store over ``max_tasks`` or ``max_bytes`` is
+    answered 429 with Retry-After. A worker counts its own submissions still in flight; across
+    workers, ones that arrive at the same instant can overshoot the bounds by one each.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        routes: Iterable[str],
+        max_tasks: int,
+        max_bytes: int,
+        lifetime_s: float,
+        max_request_bytes: int,
+        retry_after_s: int,
+        store_file: Callable[[], str],
+    ) -> None:
+        self.app = app
+        self.routes = tuple(routes)
+        self.max_tasks = max_tasks
+        self.max_bytes = max_bytes
+        self.lifetime_s = lifetime_s
+        self.max_request_bytes = max_request_bytes
+        self.retry_after = str(retry_after_s).encode()
+        self.store_file = store_file
+        self._pending_tasks = 0
+        self._pending_bytes = 0
+
+    def _route(self, path: str) -> str | None:
+        for route in self.routes:
+            if path.startswith(route + "/"):
+                return path[len(route) + 1 :]
+        return None
+
+    def usage(self) -> tuple[int, int]:
+        """(tasks, bytes) in the store, after dropping the expired ones."""
+        path = self.store_file()
+        if not os.path.exists(path):
+            return 0, 0
+        with sqlite3.connect(path, timeout=30) as conn:
+            conn.execute(
+                "DELETE FROM result WHERE created_at < datetime('now', ?)",
+                (f"-{self.lifetime_s} seconds",),
+            )
+            count, size = conn.execute(
+                "SELECT count(*), coalesce(sum(length(input) + coalesce(length(result), 0)), 0)"
+                " FROM result"
+            ).fetchone()
+        return int(count), int(size)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        action = self._route(scope.get("path", "")) if scope["type"] == "http" else None
+        if action is None:
+            await self.app(scope, receive, send)
+            return
+        if action not in ("submit", "retry"):
+            await asyncio.to_thread(self.usage)  # expire old results on every look
+            await self.app(scope, receive, send)
+            return
+        count, size = await asyncio.to_thread(self.usage)
+        declared = _header(scope, b"content-length")
+        incoming = int(declared) if declared and declared.isdigit() else 0
+        # The store keeps the body base64-encoded; a body of unknown size may be the largest.
+        incoming = (incoming or self.max_request_bytes) * 4 // 3
+        # Submissions of this worker still on their way into the store count as stored.
+        count, size = count + self._pending_tasks, size + self._pending_bytes
+        message = None
+        if count >= self.max_tasks:
+            message = f"{count} tasks are stored, the limit is {self.max_tasks} (serving.max_tasks)"
+        elif size + incoming > self.max_bytes:
+            message = f"the task store holds {size} bytes, this task would take it over the "
+            message += f"{self.max_bytes}-byte limit (serving.max_task_bytes)"
+        if message is not None:
+            await send_json_error(
+                send,
+                429,
+                f"{message}: results are kept {self.lifetime_s:g} s; fetch yours, or retry later.",
+                [(b"retry-after", self.retry_after)],
+            )
+            return
+        self._pending_tasks += 1
+        self._pending_bytes += incoming
+        reserved = True
+
+        def release() -> None:
+            nonlocal reserved
+            if reserved:
+                reserved = False
+                self._pending_tasks -= 1
+                self._pending_bytes -= incoming
+
+        async def releasing_send(message: dict[str, Any]) -> None:
+            # BentoML answers a submission once the task is in the store (and then runs it,
+            # in this same call): from here on the store itself counts it.
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, releasing_send)
+        finally:
+            release()
 
 
 class RequestTimeout:

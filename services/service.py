@@ -5,20 +5,25 @@
 Model: ``models:/<registry.model_name>@<serving.alias>`` from the MLflow registry at
 ``$MLFLOW_TRACKING_URI`` (default: the project's mlflow.db); ``IMAGECLF_SERVING_ALIAS``
 overrides the alias. Without such a model the service still starts, reports not-ready on
-``/readyz`` and says why on every endpoint (503).
+``/readyz`` and says why on every endpoint (503). Each worker looks the alias up again every
+``serving.poll_seconds`` and swaps in the version it names once downloaded and verified
+(imageclf/deploy/champion.py): promotions, rollbacks and a registry coming back need no restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Coroutine
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 import bentoml
 import numpy as np
@@ -28,24 +33,31 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import Counter, Histogram
 
 from imageclf.config import load_params
+from imageclf.deploy.champion import ChampionWatcher, LoadedVersion, bound_registry_calls
 from imageclf.deploy.serving import (
     AdaptiveBatcher,
+    Decoder,
     Example,
     InputError,
     ModelRef,
-    ModelUnavailable,
     OnnxClassifier,
-    decode_image,
+    Overloaded,
     encode_png,
-    load_examples,
-    resolve_model,
 )
 from imageclf.paths import get_paths
-from imageclf.registry import download_examples
 from imageclf.tracking import tracking_uri
 from monitoring.features import pixel_features
+from monitoring.metrics import refresh_drift_metrics, set_model_ready
 from monitoring.prediction_log import BackgroundWriter, PredictionLog
-from services.limits import BodySizeLimit, install_request_timeout
+from services.limits import (
+    ApiToken,
+    BodySizeLimit,
+    ErrorBodies,
+    FormSpec,
+    TaskLimit,
+    UploadForms,
+    install_request_timeout,
+)
 from services.schemas import (
     BatchClassification,
     Classification,
@@ -59,6 +71,8 @@ log = logging.getLogger("imageclf.service")
 PARAMS = load_params(get_paths().params)
 LIMITS = PARAMS.serving
 STATIC = Path(__file__).parent / "static"
+# Decodes uploads on serving.decode_threads threads per worker, off the event loop.
+DECODER = Decoder(LIMITS)
 
 
 def use_upload_temp_dir(path: str) -> None:
@@ -83,6 +97,7 @@ def use_upload_temp_dir(path: str) -> None:
 
 
 use_upload_temp_dir(LIMITS.upload_temp_dir)
+bound_registry_calls(LIMITS.registry_timeout_s)
 install_request_timeout()
 
 web = FastAPI(title="imageclf web page", docs_url=None, redoc_url=None, openapi_url=None)
@@ -100,6 +115,31 @@ INFERENCE_LATENCY = Histogram(
 
 class ClientError(BentoMLException):
     """A 4xx whose message tells the client what to fix."""
+
+
+def overloaded(exc: Overloaded) -> JSONResponse:
+    """503 with Retry-After: the inference queue is full, come back shortly."""
+    return JSONResponse(
+        {"error": str(exc)},
+        status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(LIMITS.retry_after_s)},
+    )
+
+
+async def answer(work: Awaitable[Any]) -> Any:
+    """An endpoint's result, or the answer that says why there is none.
+
+    BentoML replaces the message of every 5xx raised in an endpoint with "An unexpected error
+    has occurred": a full queue (503, come back) or a service without a model (503, and why)
+    would reach the client without their reason. Those are answered here instead."""
+    try:
+        return await work
+    except Overloaded as exc:
+        return overloaded(exc)
+    except BentoMLException as exc:
+        if exc.error_code < HTTPStatus.INTERNAL_SERVER_ERROR:
+            raise
+        return JSONResponse({"error": exc.message}, status_code=exc.error_code.value)
 
 
 def _client_error(exc: InputError) -> ClientError:
@@ -128,26 +168,21 @@ class ImageClassifier:
         self.served: ServedModel | None = None
         self.counters: list[Any] = []
         self.examples: list[Example] = []
-        self.not_ready_reason = ""
-        alias = os.environ.get("IMAGECLF_SERVING_ALIAS", LIMITS.alias)
-        try:
-            self.ref = resolve_model(tracking_uri(get_paths()), PARAMS.registry.model_name, alias)
-            self.model = OnnxClassifier(self.ref.path, LIMITS.threads)
-            self.batcher = AdaptiveBatcher(
-                self._infer, LIMITS.max_batch_size, LIMITS.max_latency_ms
-            )
-            self.served = ServedModel(
-                name=self.ref.name, version=self.ref.version, alias=self.ref.alias
-            )
-            # One Prometheus child per class, looked up once instead of per prediction.
-            self.counters = [PREDICTIONS.labels(c, self.ref.version) for c in self.model.classes]
-            self.examples = self._load_examples(self.ref)
-            log.info("serving %s v%s (@%s)", self.ref.name, self.ref.version, alias)
-        except ModelUnavailable as exc:
-            self.not_ready_reason = str(exc)
-            log.warning("not ready: %s", exc)
+        # Downloads, verifies and loads the alias's version into a folder this worker owns;
+        # the first look is here, the next ones every serving.poll_seconds (follow_champion).
+        self.watcher = ChampionWatcher(
+            tracking_uri(get_paths()),
+            PARAMS.registry.model_name,
+            os.environ.get("IMAGECLF_SERVING_ALIAS", LIMITS.alias),
+            LIMITS,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        loaded = self.watcher.poll()
+        if loaded is not None:
+            self._swap(loaded)
+        self.not_ready_reason = self.watcher.reason
         self.prediction_log: BackgroundWriter | None = None
-        if PARAMS.monitoring.log_predictions and self.model is not None:
+        if PARAMS.monitoring.log_predictions:
             path = get_paths().resolve(PARAMS.monitoring.log_path)
             self.prediction_log = BackgroundWriter(
                 PredictionLog(path, PARAMS.monitoring.log_max_rows)
@@ -158,22 +193,66 @@ class ImageClassifier:
         gc.collect()
         gc.freeze()
 
-    @staticmethod
-    def _load_examples(ref: ModelRef) -> list[Example]:
-        """The test images registered with the served version, for the page to offer: they
-        follow the version (its classes, its input size), through promotions and rollbacks.
-        A version without them, or a store that cannot hand them out, costs only the examples."""
-        import mlflow
+    # ------------------------------------------- following the champion (no restart needed)
+    def _swap(self, loaded: LoadedVersion) -> None:
+        """Serve ``loaded`` from the next request on, with its own batcher, Prometheus counters
+        and examples. Plain assignments with no await between them: no request sees half of a
+        swap. Requests already waiting on the previous batcher finish on the previous model."""
+        previous = self.batcher
+        self.batcher = AdaptiveBatcher(
+            functools.partial(self._infer, loaded.model),
+            LIMITS.max_batch_size,
+            LIMITS.max_latency_ms,
+            LIMITS.max_queue_images,
+        )
+        ref = loaded.ref
+        self.ref, self.model, self.examples = ref, loaded.model, loaded.examples
+        self.served = ServedModel(name=ref.name, version=ref.version, alias=ref.alias)
+        # One Prometheus child per class, looked up once instead of per prediction.
+        self.counters = [PREDICTIONS.labels(c, ref.version) for c in loaded.model.classes]
+        log.info("serving %s v%s (@%s)", ref.name, ref.version, ref.alias)
+        if previous is not None:
+            self._background(self._retire(previous))
 
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = download_examples(
-                    tracking_uri(get_paths()), ref.name, ref.version, Path(tmp)
-                )
-                return load_examples(path) if path is not None else []
-        except (mlflow.exceptions.MlflowException, OSError, ValueError, KeyError) as exc:
-            log.warning("no example images for %s v%s: %s", ref.name, ref.version, exc)
-            return []
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _retire(batcher: AdaptiveBatcher) -> None:
+        """Stop a replaced batcher once every request that could still be using it is over
+        (answered or timed out by BentoML), releasing its thread and its model."""
+        await asyncio.sleep(ImageClassifier.config["traffic"]["timeout"])
+        batcher.close()
+
+    async def _follow(self) -> None:
+        """Look up the alias every serving.poll_seconds; swap in the version it names once
+        loaded and verified. Each worker polls on its own. The same beat brings the drift
+        verdict and this worker's readiness to /metrics (monitoring.metrics)."""
+        verdict = get_paths().monitoring_verdict
+        while True:
+            set_model_ready(self.model is not None)
+            refresh_drift_metrics(verdict)
+            await asyncio.sleep(LIMITS.poll_seconds)
+            try:
+                loaded = await asyncio.to_thread(self.watcher.poll)
+                if loaded is not None:
+                    self._swap(loaded)
+            except Exception:  # a poll must never stop the polling: log it, look again later
+                log.exception("looking up the champion failed")
+            self.not_ready_reason = self.watcher.reason
+
+    @bentoml.on_startup
+    async def follow_champion(self) -> None:
+        self._background(self._follow())
+
+    @bentoml.on_shutdown
+    def stop_following(self) -> None:
+        """Stop polling and remove this worker's model files."""
+        for task in list(self._tasks):
+            task.cancel()
+        self.watcher.close()
 
     def __is_ready__(self) -> bool:
         return self.model is not None
@@ -188,21 +267,23 @@ class ImageClassifier:
     def _require_model(self) -> tuple[OnnxClassifier, AdaptiveBatcher]:
         if self.model is None or self.batcher is None:
             raise BentoMLException(
-                f"no model is loaded: {self.not_ready_reason}",
+                f"no model is loaded: {self.not_ready_reason} (the service retries every "
+                f"{LIMITS.poll_seconds:g} s)",
                 error_code=HTTPStatus.SERVICE_UNAVAILABLE,
             )
         return self.model, self.batcher
 
-    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray | None, ...]:
+    def _infer(self, model: OnnxClassifier, batch: np.ndarray) -> tuple[np.ndarray | None, ...]:
         """One batch, on the batcher's thread: probabilities, embeddings and, when predictions
-        are logged, the monitoring summary (vectorised over the batch, off the event loop)."""
-        assert self.model is not None
-        probs, embeddings = self.model.predict(batch)
+        are logged, the monitoring summary (vectorised over the batch, off the event loop).
+        ``model`` is the version the batcher was made for, even after a swap."""
+        probs, embeddings = model.predict(batch)
         pixels = pixel_features(batch) if self.prediction_log is not None else None
         return probs, embeddings, pixels
 
     async def _classify_arrays(self, arrays: list[np.ndarray], top_k: int) -> BatchClassification:
         model, batcher = self._require_model()
+        served, counters = self.served, self.counters  # this version's, even if one is swapped in
         started = time.perf_counter()
         batch = np.stack(arrays)
         probs, embeddings, pixels = await batcher.submit(batch)
@@ -211,17 +292,28 @@ class ImageClassifier:
         INFERENCE_LATENCY.observe(latency_ms / 1000)
         predicted = probs.argmax(1)
         for k in predicted:
-            self.counters[k].inc()
-        if self.prediction_log is not None and pixels is not None:
-            self._log_predictions(batch, predicted, probs, embeddings, pixels, latency_ms)
+            counters[k].inc()
+        if self.prediction_log is not None and pixels is not None and served is not None:
+            self._log_predictions(
+                served.version,
+                model.classes,
+                batch,
+                predicted,
+                probs,
+                embeddings,
+                pixels,
+                latency_ms,
+            )
         return BatchClassification(
             predictions=[[TopClass(**c) for c in image] for image in model.top_k(probs, top_k)],
-            model=self.served,
+            model=served,
             inference_ms=round(latency_ms, 3),
         )
 
     def _log_predictions(
         self,
+        version: str,
+        classes: list[str],
         batch: np.ndarray,
         predicted: np.ndarray,
         probs: np.ndarray,
@@ -229,9 +321,10 @@ class ImageClassifier:
         pixels: np.ndarray,
         latency_ms: float,
     ) -> None:
-        """Queue one log row per image: the rows are built, and written, on the log's thread."""
-        assert self.prediction_log is not None and self.ref is not None and self.model
-        now, version, classes = time.time(), self.ref.version, self.model.classes
+        """Queue one log row per image: the rows are built, and written, on the log's thread.
+        ``version`` and ``classes`` are those of the model that answered, even across a swap."""
+        assert self.prediction_log is not None
+        now = time.time()
         images = batch if PARAMS.monitoring.log_images else None
 
         def rows() -> list[tuple]:
@@ -252,23 +345,30 @@ class ImageClassifier:
 
         self.prediction_log.put(rows)
 
-    def _decode(self, data: bytes, name: str) -> np.ndarray:
+    async def _decode(self, source: bytes | Path, name: str) -> np.ndarray:
+        """One upload decoded on the decoder's threads (off the event loop), or a 4xx."""
         model, _ = self._require_model()
         try:
-            return decode_image(data, LIMITS, model.size, model.channels, name=name)
+            return await DECODER.decode(source, model.size, model.channels, name=name)
         except InputError as exc:
             raise _client_error(exc) from exc
 
     def _check_top_k(self, top_k: int) -> int:
-        if top_k < 1:
+        model, _ = self._require_model()
+        if not 1 <= top_k <= len(model.classes):
             raise ClientError(
-                f"top_k must be at least 1, got {top_k}.", error_code=HTTPStatus.BAD_REQUEST
+                f"top_k must be between 1 and {len(model.classes)} (the model's classes), "
+                f"got {top_k}.",
+                error_code=HTTPStatus.BAD_REQUEST,
             )
         return top_k
 
-    async def classify_bytes(self, data: bytes, top_k: int, name: str = "image") -> Classification:
-        """One image's bytes -> top-k (the path every single-image endpoint takes)."""
-        result = await self._classify_arrays([self._decode(data, name)], self._check_top_k(top_k))
+    async def classify_bytes(
+        self, data: bytes | Path, top_k: int, name: str = "image"
+    ) -> Classification:
+        """One image -> top-k (the path every single-image endpoint takes)."""
+        top_k = self._check_top_k(top_k)
+        result = await self._classify_arrays([await self._decode(data, name)], top_k)
         return Classification(
             predictions=result.predictions[0], model=result.model, inference_ms=result.inference_ms
         )
@@ -277,7 +377,7 @@ class ImageClassifier:
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int = LIMITS.top_k) -> Classification:
         """Classify one uploaded image (PNG, JPEG...; any size or colour mode)."""
-        return await self.classify_bytes(image.read_bytes(), top_k, name="image")
+        return await answer(self.classify_bytes(image, top_k, name="image"))
 
     async def _classify_files(self, images: list[Path], top_k: int) -> BatchClassification:
         if not images:
@@ -291,22 +391,25 @@ class ImageClassifier:
                 f"{LIMITS.max_images_per_request} per request.",
                 error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             )
-        arrays = [self._decode(p.read_bytes(), f"images[{i}]") for i, p in enumerate(images)]
-        return await self._classify_arrays(arrays, self._check_top_k(top_k))
+        top_k = self._check_top_k(top_k)
+        arrays = await asyncio.gather(
+            *(self._decode(path, f"images[{i}]") for i, path in enumerate(images))
+        )
+        return await self._classify_arrays(list(arrays), top_k)
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(
         self, images: list[Path], top_k: int = LIMITS.top_k
     ) -> BatchClassification:
         """Classify several images in one request (at most serving.max_images_per_request)."""
-        return await self._classify_files(images, top_k)
+        return await answer(self._classify_files(images, top_k))
 
     @bentoml.task(route="/classify_async")
     async def classify_async(
         self, images: list[Path], top_k: int = LIMITS.top_k
     ) -> BatchClassification:
         """The batch endpoint as a background task: submit, poll status, fetch the result."""
-        return await self._classify_files(images, top_k)
+        return await answer(self._classify_files(images, top_k))
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:
@@ -316,6 +419,8 @@ class ImageClassifier:
         batcher = self.batcher
         return ModelInfo(
             ready=True,
+            # While serving: what else is wrong (a refused version, the registry down...).
+            reason=self.not_ready_reason or None,
             name=self.ref.name,
             version=self.ref.version,
             alias=self.ref.alias,
@@ -346,6 +451,8 @@ class ImageClassifier:
             result = await self.classify_bytes(await request.body(), top_k)
         except ValueError:
             return JSONResponse({"error": "top_k must be an integer."}, status_code=400)
+        except Overloaded as exc:
+            return overloaded(exc)
         except BentoMLException as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.error_code.value)
         return Response(result.model_dump_json(), media_type="application/json")
@@ -381,4 +488,61 @@ class ImageClassifier:
         )
 
 
+def upload_forms() -> dict[str, FormSpec]:
+    """Each upload endpoint's form, read from the endpoints' own signatures: file fields (a
+    list takes up to serving.max_images_per_request files) and text fields."""
+    forms: dict[str, FormSpec] = {}
+    for method in ImageClassifier.apis.values():
+        spec = method.input_spec
+        files = list(getattr(spec, "multipart_fields", []))
+        if not files:
+            continue
+        fields = spec.model_fields
+        form = FormSpec(
+            files={
+                name: LIMITS.max_images_per_request
+                if get_origin(fields[name].annotation) is list
+                else 1
+                for name in files
+            },
+            values=frozenset(fields) - set(files),
+        )
+        forms[method.route] = form
+        if method.is_task:
+            forms[f"{method.route}/submit"] = form
+    return forms
+
+
+def task_store_file() -> str:
+    """BentoML's task store (in BENTOML_HOME unless BENTOML_RESULT_STORE says otherwise)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.result_store_file.get()
+
+
+# Without a token every endpoint is open (the service binds 127.0.0.1 by default); with one,
+# all but health, metrics and the web page's HTML ask for it (the page then asks the person).
+API_TOKEN = os.environ.get("IMAGECLF_API_TOKEN") or None
+OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/ui/")
+
+# Outermost first: every refusal below gets one JSON shape; the token is checked before any
+# byte of the body is read; then the body's size, the upload form, the task store.
+ImageClassifier.add_asgi_middleware(ErrorBodies)
+ImageClassifier.add_asgi_middleware(ApiToken, token=API_TOKEN, open_paths=OPEN_PATHS)
 ImageClassifier.add_asgi_middleware(BodySizeLimit, max_bytes=LIMITS.max_request_bytes)
+ImageClassifier.add_asgi_middleware(
+    UploadForms,
+    forms=upload_forms(),
+    max_field_bytes=LIMITS.max_field_bytes,
+    max_filename_bytes=LIMITS.max_filename_bytes,
+)
+ImageClassifier.add_asgi_middleware(
+    TaskLimit,
+    routes=[m.route for m in ImageClassifier.apis.values() if m.is_task],
+    max_tasks=LIMITS.max_tasks,
+    max_bytes=LIMITS.max_task_bytes,
+    lifetime_s=LIMITS.task_lifetime_s,
+    max_request_bytes=LIMITS.max_request_bytes,
+    retry_after_s=LIMITS.retry_after_s,
+    store_file=task_store_file,
+)

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("imageclf", "stages", "pipelines", "services", "monitoring")
+PACKAGES = ("imageclf", "stages", "pipelines", "services", "monitoring", "ops")
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -152,3 +152,179 @@ def test_body_limit_lets_a_vanished_client_go_quietly():
         raise ClientDisconnect()  # what Starlette raises when the client hung up mid-body
 
     assert asyncio.run(call(BodySizeLimit(reader, max_bytes=10))) == []
+
+
+async def call_chunked(
+    app: Any, body: bytes, headers: list, path: str = "/", chunk: int = 7, method: str = "POST"
+) -> list[dict]:
+    """One request whose body arrives in ``chunk``-byte pieces (as a slow upload does)."""
+    sent: list[dict] = []
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = [
+        {"type": "http.request", "body": piece, "more_body": i < len(pieces) - 1}
+        for i, piece in enumerate(pieces)
+    ]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def form_app(scope: dict, receive: Any, send: Any) -> None:
+    """Parses the form like BentoML does, and answers 500 if that fails (as BentoML does)."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    try:
+        form = await Request(scope, receive).form()
+        response = JSONResponse({"fields": sorted(form.keys())})
+    except Exception:
+        response = JSONResponse({"error": "An unexpected error has occurred"}, status_code=500)
+    await response(scope, receive, send)
+
+
+def multipart_body(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, list]:
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename is not None else ""
+        )
+        body += f"--b0\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    body += b"--b0--\r\n"
+    return body, [(b"content-type", b"multipart/form-data; boundary=b0")]
+
+
+def test_upload_forms_refuse_what_the_endpoint_does_not_take():
+    """Checked while the body streams in (7-byte pieces here): a refusal is the client's 4xx
+    with the reason, never the 500 the form parser behind it would answer."""
+    from services.limits import FormSpec, UploadForms
+
+    spec = FormSpec(files={"image": 1, "images": 3}, values=frozenset({"top_k"}))
+    guarded = UploadForms(form_app, {"/up": spec}, max_field_bytes=64, max_filename_bytes=20)
+    cases = [
+        ([("image", "a.png", b"PNG"), ("images", "b.png", b"x"), ("top_k", None, b"3")], 200, ""),
+        ([("image", None, b"http://example.com/cat.jpg")], 400, "not a text value"),
+        ([("picture", "a.png", b"x"), ("image", "a.png", b"x")], 400, "unknown field 'picture'"),
+        ([("image", "a.png", b"x"), ("image", "b.png", b"x")], 400, "takes one file"),
+        ([("image", "a.png", b"x")] + [("images", "b.png", b"x")] * 4, 413, "over 3 files"),
+        ([("image", "a.png", b"x"), ("top_k", "t.txt", b"3")], 400, "text field"),
+        ([("image", "a.png", b"x"), ("top_k", None, b"1" * 65)], 400, "over 64 bytes"),
+        ([("image", "a.png", b"x"), ("top_k", None, b"1"), ("top_k", None, b"2")], 400, "2 times"),
+        ([("image", "x" * 21, b"x")], 400, "max_filename_bytes"),
+        ([("top_k", None, b"3")], 400, "no image"),
+    ]  # fmt: skip
+    for parts, expected, fragment in cases:
+        body, headers = multipart_body(*parts)
+        sent = asyncio.run(call_chunked(guarded, body, headers, path="/up"))
+        assert status(sent) == expected, (parts, sent)
+        assert fragment in json.loads(sent[-1]["body"]).get("error", ""), (parts, sent)
+    truncated, headers = multipart_body(("image", "a.png", b"x"))
+    sent = asyncio.run(call_chunked(guarded, truncated[:-10], headers, path="/up"))
+    assert status(sent) == 400 and b"truncated" in sent[-1]["body"]
+    for content_type, expected in ((b"application/json", 415), (b"multipart/form-data", 400)):
+        sent = asyncio.run(call(guarded, b"{}", [(b"content-type", content_type)], path="/up"))
+        assert status(sent) == expected
+    assert status(asyncio.run(call(guarded, b"", [], path="/up"))) == 400
+    # Other paths, and other methods on the same path, pass untouched.
+    passing = UploadForms(ok_app, {"/up": spec}, 64, 20)
+    assert status(asyncio.run(call_chunked(passing, b"x", [], path="/elsewhere"))) == 200
+    assert status(asyncio.run(call_chunked(passing, b"", [], path="/up", method="GET"))) == 200
+
+
+def test_error_bodies_give_every_refusal_one_json_shape():
+    from services.limits import ErrorBodies
+
+    def answering(status_code: int, body: bytes, content_type: bytes) -> Any:
+        async def app(scope: dict, receive: Any, send: Any) -> None:
+            headers = [(b"content-type", content_type)]
+            await send({"type": "http.response.start", "status": status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return ErrorBodies(app)
+
+    def error(app: Any) -> tuple[int, str]:
+        sent = asyncio.run(call(app))
+        return status(sent), json.loads(sent[-1]["body"])["error"]
+
+    assert error(answering(404, b"Not Found", b"text/plain")) == (
+        404,
+        "no such endpoint: see /docs.json for the API.",
+    )
+    assert error(answering(415, b'[{"error": "bad type"}]', b"application/json")) == (
+        415,
+        "bad type",
+    )
+    pydantic = b'{"error": "1 validation error", "detail": [{"loc": ["top_k"], "msg": "not int"}]}'
+    assert error(answering(400, pydantic, b"application/json")) == (400, "top_k: not int")
+    leaky = b'{"error": "registry http://bob:pw@mlflow:5000 is down"}'
+    assert error(answering(503, leaky, b"application/json")) == (
+        503,
+        "registry http://***@mlflow:5000 is down",
+    )
+    ok = asyncio.run(call(answering(200, b"fine", b"text/plain")))
+    assert status(ok) == 200 and ok[-1]["body"] == b"fine"
+
+
+def test_api_token_is_checked_in_constant_time_and_open_paths_stay_open():
+    from services.limits import ApiToken
+
+    guarded = ApiToken(ok_app, token="t0ken", open_paths=["/livez"])
+    for headers in ([], [(b"authorization", b"Bearer nope")], [(b"authorization", b"t0ken")]):
+        sent = asyncio.run(call(guarded, headers=headers, path="/classify"))
+        assert status(sent) == 401 and b"Authorization: Bearer" in sent[-1]["body"]
+    right = [(b"authorization", b"Bearer t0ken")]
+    assert status(asyncio.run(call(guarded, headers=right, path="/classify"))) == 200
+    assert status(asyncio.run(call(guarded, path="/livez"))) == 200
+    assert status(asyncio.run(call(ApiToken(ok_app, None, []), path="/classify"))) == 200
+
+
+def test_task_limit_counts_bytes_and_drops_expired_tasks(tmp_path):
+    import sqlite3
+
+    from _bentoml_impl.tasks import Sqlite3Store
+
+    from services.limits import TaskLimit
+
+    store = tmp_path / "task_result.db"
+    Sqlite3Store.init_db(str(store))
+    with sqlite3.connect(store) as conn:
+        conn.execute(
+            "INSERT INTO result (task_id, name, input, status, created_at) VALUES "
+            "('old', 'c', zeroblob(5000), 'completed', datetime('now', '-2 hours')), "
+            "('new', 'c', zeroblob(3000), 'in_progress', CURRENT_TIMESTAMP)"
+        )
+    limit = TaskLimit(
+        ok_app,
+        routes=["/classify_async"],
+        max_tasks=2,
+        max_bytes=4000,
+        lifetime_s=3600,
+        max_request_bytes=1000,
+        retry_after_s=1,
+        store_file=lambda: str(store),
+    )
+    assert limit.usage() == (1, 3000)  # the two-hour-old task is gone
+    length = [(b"content-length", b"600")]  # 800 bytes once base64-encoded: 3800 <= 4000
+    sent = asyncio.run(call(limit, headers=length, path="/classify_async/submit"))
+    assert status(sent) == 200
+    sent = asyncio.run(call(limit, path="/classify_async/submit"))  # unknown size: 1333 bytes
+    assert status(sent) == 429 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert b"serving.max_task_bytes" in sent[-1]["body"]
+    with sqlite3.connect(store) as conn:
+        conn.execute("INSERT INTO result (task_id, name, status) VALUES ('x', 'c', 'completed')")
+    sent = asyncio.run(call(limit, headers=length, path="/classify_async/submit"))
+    assert status(sent) == 429 and b"serving.max_tasks" in sent[-1]["body"]
+    assert status(asyncio.run(call(limit, path="/classify"))) == 200  # not a task route

@@ -1,7 +1,8 @@
 """The BentoML service under a real `bentoml serve` on loopback, with a registered champion.
 
-The champion is a real (small, quickly trained) Fashion-MNIST model: the module trains it with
-the stage functions, registers and promotes it in a temporary MLflow store, then serves it.
+The champion is a real (small, quickly trained) Fashion-MNIST model, trained with the stage
+functions, registered and promoted in a temporary MLflow store (tests/service_helpers.py builds
+it once for every module that serves it), then served.
 """
 
 from __future__ import annotations
@@ -21,84 +22,20 @@ import pytest
 from PIL import Image
 
 from benchmarks.serving import phone_photo, small_photo
-from imageclf.config import load_params
 from imageclf.data.store import load_dataset
 from imageclf.deploy.serving import OnnxClassifier
-from imageclf.local_servers import free_port, start, stop
+from imageclf.local_servers import stop
 from imageclf.paths import ProjectPaths
-from imageclf.registry import promote, register_workspace
-from imageclf.tracking import tracking_uri
-from stages import benchmark, download, evaluate, export, reference, train
-from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params, write_params
+from imageclf.registry import register_workspace
+from tests import service_helpers
+from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params
+from tests.service_helpers import DEFAULT_LIMITS, MAX_BYTES, MAX_IMAGES, png, start_server
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs dataset-fashion-mnist"),
 ]
-# The served limits are the project's defaults (phone photos must pass them), except a small
-# max_images_per_request that keeps the "too many images" request cheap.
-DEFAULT_LIMITS = load_params(REPO / "params.yaml").serving
-MAX_BYTES = DEFAULT_LIMITS.max_request_bytes
-MAX_IMAGES = 4
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array.squeeze()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def champion_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProjectPaths]:
-    root = tmp_path_factory.mktemp("served")
-    old = {k: os.environ.get(k) for k in ("IMAGECLF_ROOT", "MLFLOW_TRACKING_URI")}
-    os.environ["IMAGECLF_ROOT"] = str(root)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    params = tiny_params(
-        data={"fraction": 0.25, "sources": [str(FASHION_MNIST_DIR)]},
-        train={"epochs": 3, "width": 8, "batch_size": 128, "lr": 0.1},
-        serving={"max_images_per_request": MAX_IMAGES},
-        registry={"max_latency_ms": 1000.0},
-    )
-    write_params(root, params)
-    paths = ProjectPaths(root)
-    for stage in (download, train, evaluate, export, benchmark, reference):
-        stage.run(params, paths)
-    register_workspace(paths, params)
-    assert promote(params.registry, tracking=tracking_uri(paths)).promoted
-    yield paths
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def start_server(paths: ProjectPaths, alias: str | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "IMAGECLF_ROOT": str(paths.root),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{paths.root / 'mlflow.db'}",
-        "BENTOML_HOME": str(paths.root / f"bentoml-{port}"),
-        "PYTHONPATH": str(REPO),
-    }
-    # One BentoML home per server: each keeps (and resets at start) its task store there.
-    (paths.root / f"bentoml-{port}").mkdir()
-    if alias:
-        env["IMAGECLF_SERVING_ALIAS"] = alias
-    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent))
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        bentoml,
-        "serve",
-        "services.service:ImageClassifier",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    return start(cmd, env, cwd=REPO, ready_url=f"{url}/livez"), url
+champion_project = service_helpers.champion_project  # trained once, shared with other modules
 
 
 @pytest.fixture(scope="module")
@@ -517,3 +454,116 @@ def test_stopping_the_service_writes_the_last_predictions(champion_project, test
     finally:
         stop(proc)  # SIGTERM right away: the rows are still queued in the workers
     assert len(PredictionLog(path).read_window()["ts"]) == before + 5
+
+
+# ------------------------------------------------ Prometheus scraping the served service
+@pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus not installed (make setup)")
+def test_prometheus_scrapes_the_service_and_alerts_on_drift(
+    server, champion_project, test_images, tmp_path
+):
+    """A real Prometheus, configured from ops/prometheus/prometheus.yml (only the target and
+    the intervals replaced), scrapes the served champion: the service's metrics arrive, every
+    alert rule loads and evaluates, a drift verdict written by the monitoring flow reaches
+    Prometheus through the service and fires ImageclfDriftDetected, and every metric the rules
+    and the Grafana dashboard use is one this service really exposes."""
+    from imageclf.io import write_json
+    from imageclf.local_servers import free_port, start
+    from ops.prometheus.config import write_config
+    from tests.prometheus_helpers import (
+        PROMETHEUS,
+        SCRAPE_SERIES,
+        alert_exprs,
+        dashboard_exprs,
+        exposed_names,
+        metric_names,
+    )
+
+    images, _, _ = test_images
+    target = server.removeprefix("http://")
+    config = write_config(tmp_path / "prometheus", target, interval_s=0.5)
+    verdict = champion_project.monitoring_verdict
+    tests = {"confidence": {"drift": True}, "embedding.mmd": {"drift": True}}
+    write_json(verdict, {"drift": True, "window_size": 150, "reasons": ["x"], "tests": tests})
+    port = free_port()
+    prometheus = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(PROMETHEUS),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    proc = start(cmd, dict(os.environ), cwd=tmp_path, ready_url=f"{prometheus}/-/ready")
+    try:
+        for image in images[:3]:
+            files = {"image": ("x.png", png(image), "image/png")}
+            assert httpx.post(f"{server}/classify", files=files).status_code == 200
+
+        def value(query: str) -> float | None:
+            answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}).json()
+            assert answer["status"] == "success", answer
+            result = answer["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        def firing() -> set[str]:
+            alerts = httpx.get(f"{prometheus}/api/v1/alerts").json()["data"]["alerts"]
+            return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+
+        wanted = {
+            f'up{{job="imageclf", instance="{target}"}}': 1.0,
+            'sum(imageclf_predictions_total{job="imageclf"})': 3.0,
+            'imageclf_model_ready{job="imageclf"}': 1.0,
+            'imageclf_drift_detected{job="imageclf"}': 1.0,
+            'imageclf_drift_tests_drifted{job="imageclf"}': 2.0,
+            'imageclf_drift_window_size{job="imageclf"}': 150.0,
+        }
+        seen: dict[str, float | None] = {}
+
+        def arrived() -> bool:
+            seen.update({query: value(query) for query in wanted})
+            if not all(seen[q] is not None and seen[q] >= v for q, v in wanted.items()):
+                return False
+            groups = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
+            evaluated = all(r["health"] == "ok" for g in groups for r in g["rules"])
+            return evaluated and "ImageclfDriftDetected" in firing()
+
+        for _ in range(240):  # Prometheus scrapes every 0.5 s; the service polls the verdict
+            if arrived():
+                break
+            time.sleep(0.25)
+        assert seen.pop('sum(imageclf_predictions_total{job="imageclf"})') >= 3, seen
+        wanted.pop('sum(imageclf_predictions_total{job="imageclf"})')
+        assert seen == wanted  # (earlier tests' predictions count as well: at least 3)
+        assert "ImageclfDriftDetected" in firing()
+        last_check = value('imageclf_drift_last_check_timestamp_seconds{job="imageclf"}')
+        assert last_check == pytest.approx(verdict.stat().st_mtime, abs=1e-3)
+        assert not firing() & {
+            "ImageclfDown",
+            "ImageclfNotReady",
+            "ImageclfDriftCheckStale",
+        }
+
+        groups = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        assert {rule["name"] for rule in rules} == set(alert_exprs())
+        assert all(rule["health"] == "ok" for rule in rules), rules  # each one evaluated
+
+        exposed = exposed_names(httpx.get(f"{server}/metrics").text) | SCRAPE_SERIES
+        for source, exprs in (
+            ("alerts.yml", alert_exprs().values()),
+            ("dashboard", dashboard_exprs()),
+        ):
+            for expr in exprs:
+                assert metric_names(expr) <= exposed, (
+                    source,
+                    expr,
+                    metric_names(expr) - exposed,
+                )
+        page = httpx.get(f"{server}/metrics").text
+        # The latency budgets sit on bucket bounds, so the alerts compare exact quantiles.
+        assert 'bentoml_service_request_duration_seconds_bucket{endpoint="/classify"' in page
+        assert (
+            'le="0.05"' in page and 'imageclf_inference_latency_seconds_bucket{le="0.01"}' in page
+        )
+    finally:
+        stop(proc)
+        verdict.unlink(missing_ok=True)

@@ -109,7 +109,7 @@ def test_batcher_shares_model_calls_and_returns_each_its_own(classifier):
         probs, _ = classifier.predict(batch)
         return probs, None, batch.reshape(len(batch), -1).mean(1)  # any per-image outputs
 
-    batcher = AdaptiveBatcher(fn, max_batch_size=64, max_latency_ms=0)
+    batcher = AdaptiveBatcher(fn, max_batch_size=64, max_latency_ms=0, max_queue_images=20)
     chunks = [(i, i + 1) for i in range(10)] + [(10, 13), (13, 20)]  # 1 to 7 images each
 
     async def many() -> list[tuple[np.ndarray | None, ...]]:

@@ -7,6 +7,7 @@ baseline server in ``benchmarks/`` share exactly the same code path.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from imageclf.config import ServingParams
 from imageclf.data.transforms import prepare_image, to_model_array
 from imageclf.metric_names import SERVED_LATENCY_METRIC
+from imageclf.tracking import redact_uri, scrub_credentials
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ class InputError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Overloaded(RuntimeError):
+    """The inference queue is full: the request is refused now (503) rather than served late."""
 
 
 class ModelUnavailable(RuntimeError):
@@ -65,13 +71,14 @@ def decode_image(
         )
     try:
         image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(
-            f"{name} is not an image this service can read (PNG, JPEG, GIF, BMP, WebP or TIFF).",
-            status=415,
-        ) from exc
     except Image.DecompressionBombError as exc:  # over twice Pillow's own pixel limit
         raise InputError(f"{name} is over the pixel limit ({exc}).", status=413) from exc
+    except Exception as exc:
+        raise InputError(
+            f"{name} is not an image this service can read (PNG, JPEG, GIF, BMP, WebP or TIFF; "
+            "EPS, PDF and other formats are refused).",
+            status=415,
+        ) from exc
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise InputError(
@@ -81,8 +88,38 @@ def decode_image(
         )
     try:
         return prepare_image(image, size, channels)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # a frame larger than the header said (GIF)
+        raise InputError(f"{name} is over the pixel limit ({exc}).", status=413) from exc
+    except Exception as exc:
         raise InputError(f"{name} is truncated or corrupt ({exc}).") from exc
+    finally:
+        image.close()
+
+
+class Decoder:
+    """Uploads decoded on a small pool of threads (``serving.decode_threads``), never on the
+    event loop: Pillow releases the GIL while it decodes, so a worker keeps answering health
+    checks and small requests while a 12-megapixel photo is decoded, and at most that many
+    decodes run at once per worker."""
+
+    def __init__(self, limits: ServingParams) -> None:
+        self.limits = limits
+        self._executor = ThreadPoolExecutor(
+            max_workers=limits.decode_threads, thread_name_prefix="decode"
+        )
+
+    async def decode(
+        self, source: bytes | Path, size: int, channels: int, name: str = "image"
+    ) -> np.ndarray:
+        """:func:`decode_image` of ``source`` (bytes, or a file that holds them)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._decode, source, size, channels, name
+        )
+
+    def _decode(self, source: bytes | Path, size: int, channels: int, name: str) -> np.ndarray:
+        data = source.read_bytes() if isinstance(source, Path) else source
+        return decode_image(data, self.limits, size, channels, name=name)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -140,6 +177,19 @@ def load_examples(path: Path) -> list[Example]:
     ]
 
 
+class ModelRejected(ModelUnavailable):
+    """A version whose file must not be served: its SHA-256 differs from the one recorded at
+    registration (corrupt or tampered), or it does not load. Refused until the registry changes."""
+
+    def __init__(self, message: str, version: str) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class RegistryUnreachable(ModelUnavailable):
+    """The registry did not answer (tracking server down, network): worth asking again later."""
+
+
 @dataclass
 class ModelRef:
     """Where the served model came from (shown by the model-info endpoint)."""
@@ -150,38 +200,135 @@ class ModelRef:
     alias: str
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    # The served file's SHA-256, and whether it matched the one recorded at registration
+    # (False: the version was registered before registration recorded it; see resolve_model).
+    sha256: str = ""
+    verified: bool = False
 
 
-def resolve_model(tracking_uri: str, name: str, alias: str, dest: Path | None = None) -> ModelRef:
-    """Download ``models:/<name>@<alias>``'s ONNX file; ModelUnavailable says why it cannot."""
+def lookup_version(tracking_uri: str, name: str, alias: str) -> Any:
+    """The registry's ModelVersion behind ``<name>@<alias>`` (one small request: what a poll
+    costs). ModelUnavailable when no version has the alias; RegistryUnreachable when the
+    registry does not answer."""
     import mlflow
+    from mlflow.protos.databricks_pb2 import (
+        INVALID_PARAMETER_VALUE,
+        RESOURCE_DOES_NOT_EXIST,
+        ErrorCode,
+    )
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    missing = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        return client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException as exc:
-        raise ModelUnavailable(
-            f"no model version has the alias {alias!r} in registered model {name!r} at "
-            f"{tracking_uri}: train and promote one (python -m pipelines.training_flow)."
+        if exc.error_code in missing:
+            raise ModelUnavailable(
+                f"no model version has the alias {alias!r} in registered model {name!r} at "
+                f"{redact_uri(tracking_uri)}: train and promote one "
+                "(python -m pipelines.training_flow)."
+            ) from exc
+        raise RegistryUnreachable(
+            f"the model registry at {redact_uri(tracking_uri)} does not answer "
+            f"({scrub_credentials(str(exc))[:300]}): start the tracking server or fix "
+            "MLFLOW_TRACKING_URI."
         ) from exc
-    mlflow.set_tracking_uri(tracking_uri)
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            f"models:/{name}@{alias}", dst_path=str(dest) if dest else None
+    except OSError as exc:  # a connection error that MLflow did not wrap
+        raise RegistryUnreachable(
+            f"the model registry at {redact_uri(tracking_uri)} does not answer "
+            f"({scrub_credentials(str(exc))})."
+        ) from exc
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (a model can be larger than one read should be)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model(
+    tracking_uri: str,
+    name: str,
+    alias: str,
+    dest: Path,
+    require_sha256: bool = False,
+    version: Any = None,
+) -> ModelRef:
+    """Download ``models:/<name>@<alias>``'s ONNX file into ``dest`` and verify it.
+
+    The file must hash to the ``onnx_sha256`` its registration recorded, else ModelRejected: a
+    corrupt or tampered file is never served. A version registered before registration recorded
+    the hash is served unverified with a logged warning, or refused with ``require_sha256``
+    (serving.require_sha256); its hash is never computed and trusted silently. ``version`` is
+    the ModelVersion a caller already looked up (lookup_version), which pins what is
+    downloaded even if the alias moves meanwhile. ModelUnavailable says why nothing can be.
+    """
+    import mlflow
+
+    from imageclf.registry import SHA256_TAG
+
+    version = version or lookup_version(tracking_uri, name, alias)
+    number = str(version.version)
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{number}",
+                dst_path=str(dest),
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
         )
-    )
+    except mlflow.exceptions.MlflowException as exc:
+        raise RegistryUnreachable(
+            f"{name} v{number}'s files cannot be downloaded from {redact_uri(tracking_uri)}: "
+            f"{scrub_credentials(str(exc))[:300]}"
+        ) from exc
     onnx_files = sorted(local.rglob("*.onnx"))
     if not onnx_files:
-        raise ModelUnavailable(f"{name} v{version.version} has no ONNX file in its artifacts.")
+        raise ModelRejected(f"{name} v{number} has no ONNX file in its artifacts.", number)
+    digest = file_sha256(onnx_files[0])
+    recorded = version.tags.get(SHA256_TAG)
+    if recorded is None:
+        unverified = (
+            f"{name} v{number} has no {SHA256_TAG} tag (registered before registration recorded "
+            "it), so its file cannot be verified"
+        )
+        if require_sha256:
+            raise ModelRejected(
+                f"{unverified}: refused (serving.require_sha256). Register the model again "
+                "(python -m imageclf.registry register) and promote the new version.",
+                number,
+            )
+        log.warning("%s: serving it unverified (serving.require_sha256 is off)", unverified)
+    elif recorded != digest:
+        raise ModelRejected(
+            f"{name} v{number}'s ONNX file is corrupt or tampered: its SHA-256 {digest[:16]}... "
+            f"differs from the {recorded[:16]}... recorded at registration. Not served; restore "
+            "the file in the artifact store or promote another version.",
+            number,
+        )
     metrics: dict[str, float] = {}
     if version.run_id:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         run = client.get_run(version.run_id)
         metrics = {
             k: v
             for k, v in run.data.metrics.items()
             if k in ("test_accuracy", "macro_f1", SERVED_LATENCY_METRIC)
         }
-    return ModelRef(onnx_files[0], name, str(version.version), alias, version.run_id, metrics)
+    return ModelRef(
+        onnx_files[0],
+        name,
+        number,
+        alias,
+        version.run_id,
+        metrics,
+        sha256=digest,
+        verified=recorded is not None,
+    )
 
 
 class OnnxClassifier:
@@ -236,16 +383,24 @@ class AdaptiveBatcher:
     vectorises (the monitoring summary) belongs in it too, computed once per batch. Each caller
     gets the rows of every output that belong to its images.
 
+    At most ``max_queue_images`` images wait for the model: beyond that ``submit`` raises
+    Overloaded at once, so under overload clients are told to come back instead of every
+    request waiting longer and longer (and timing out anyway).
+
     One batch runs at a time on a dedicated thread, so the event loop keeps accepting requests
     while the model works and whatever queued meanwhile forms the next batch at once: under
     load, batches grow by themselves even with ``max_latency_ms`` 0 (which then costs a lone
     request nothing); a positive value trades that much latency for fuller batches.
     """
 
-    def __init__(self, fn: BatchFn, max_batch_size: int, max_latency_ms: float) -> None:
+    def __init__(
+        self, fn: BatchFn, max_batch_size: int, max_latency_ms: float, max_queue_images: int
+    ) -> None:
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self.queued_images = 0  # submitted, not yet taken into a batch
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._task: asyncio.Task[None] | None = None
@@ -258,17 +413,33 @@ class AdaptiveBatcher:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self._queue
 
+    def close(self) -> None:
+        """Stop the batch task and the model thread (a replaced model's batcher)."""
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False)
+
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray | None, ...]:
         """``fn``'s outputs for ``images`` (N, H, W, C), computed in some shared batch."""
+        if self.queued_images + len(images) > self.max_queue_images:
+            raise Overloaded(
+                f"the service is overloaded: {self.queued_images} images are waiting for the "
+                f"model (serving.max_queue_images {self.max_queue_images}); retry shortly."
+            )
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ensure_started().put_nowait((images, future))
+        self.queued_images += len(images)
         return await future
+
+    def _take(self, item: tuple[np.ndarray, asyncio.Future]) -> tuple[np.ndarray, asyncio.Future]:
+        self.queued_images -= len(item[0])
+        return item
 
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
+            first = self._take(await self._queue.get())
             pending = [first]
             count = len(first[0])
             deadline = loop.time() + self.max_latency
@@ -283,7 +454,7 @@ class AdaptiveBatcher:
                         break
                 else:  # requests that queued while the model was busy join this batch at once
                     item = self._queue.get_nowait()
-                pending.append(item)
+                pending.append(self._take(item))
                 count += len(item[0])
             batch = np.concatenate([images for images, _ in pending])
             try:

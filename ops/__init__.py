@@ -1,0 +1,1 @@
+"""Team mode: the shared servers (ops.team), their container description (compose.yaml)."""

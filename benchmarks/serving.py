@@ -56,7 +56,7 @@ from PIL import Image
 
 from imageclf.config import Params
 from imageclf.deploy.serving import OnnxClassifier, decode_image, resolve_model
-from imageclf.local_servers import free_port, start, stop
+from imageclf.local_servers import free_port, process_tree, start, stop
 from imageclf.paths import ProjectPaths, get_paths
 from imageclf.tracking import tracking_uri
 
@@ -148,24 +148,14 @@ def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and all its live descendants (Linux /proc): BentoML
     runs its workers as children of the arbiter, uvicorn as children of its supervisor."""
     tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    cpu: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    total = 0
+    for p in process_tree(pid):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the process name
-        except OSError:  # the process ended meanwhile
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process ended meanwhile
             continue
-        child = int(stat.parent.name)
-        parent[child] = int(fields[1])
-        cpu[child] = int(fields[11]) + int(fields[12])  # utime, stime
-    family, frontier = {pid}, [pid]
-    while frontier:
-        current = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == current and child not in family:
-                family.add(child)
-                frontier.append(child)
-    return sum(cpu.get(p, 0) for p in family) / tick
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 # The project's targets per image kind, at concurrency 32: (the service's throughput over the

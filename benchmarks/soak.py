@@ -55,7 +55,7 @@ from rich.table import Table
 
 from benchmarks.serving import dataset_png, parse_sets, serving_root, small_photo
 from imageclf.config import Params
-from imageclf.local_servers import free_port, output, start, stop
+from imageclf.local_servers import free_port, output, process_tree, start, stop
 from imageclf.paths import ProjectPaths, get_paths
 
 BOUNDARY = "soakboundary7MA4YWxkTrZu0gW"
@@ -316,25 +316,8 @@ class UrlTrap:
 def service_processes(pid: int) -> dict[int, tuple[str, int]]:
     """pid -> (command line, VmRSS in KiB) of ``pid``, its process group and all their live
     descendants (BentoML's workers are children of its arbiter, not all in its group)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        child = int(stat.parent.name)
-        parent[child] = int(fields[1])
-        if int(fields[2]) == pid:
-            parent[child] = pid if child != pid else 0
-    family, frontier = {pid}, [pid]
-    while frontier:
-        current = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == current and child not in family:
-                family.add(child)
-                frontier.append(child)
     found: dict[int, tuple[str, int]] = {}
-    for p in family:
+    for p in process_tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
@@ -528,7 +511,7 @@ def git_state(root: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
 
-    where = ("--", "services", "imageclf", "params.yaml")
+    where = ("--", "services", "imageclf", get_paths(root).params.name)
     dirty = [d for d in git("status", "--porcelain", *where).split("\n") if d]
     diff = hashlib.sha256(git("diff", *where).encode()).hexdigest()[:12]
     return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": dirty, "diff_sha256": diff}
@@ -546,7 +529,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     uploads = Path(tempfile.mkdtemp(prefix="soak-uploads-", dir=base_tmp))
     overrides.setdefault("serving", {})["upload_temp_dir"] = str(uploads)
     params = serving_root(paths, root, overrides)
-    db = work / "mlflow.db"  # a copy: the project's store is never opened
+    db = work / paths.mlflow_db.name  # a copy: the project's store is never opened
     shutil.copy2(paths.mlflow_db, db)
     env = {
         **os.environ,

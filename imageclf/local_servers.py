@@ -114,3 +114,27 @@ def stop_group(pgid: int, grace: float = 20.0) -> None:
             if not group_alive(pgid):
                 return
             time.sleep(0.2)
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid``, the members of its process group and all their live descendants (Linux /proc):
+    BentoML runs its workers as children of the arbiter, uvicorn as children of its supervisor,
+    so a server's CPU time or memory is that of the whole tree."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the process name
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        child = int(stat.parent.name)
+        parent[child] = int(fields[1])
+        if int(fields[2]) == pid and child != pid:  # in pid's process group
+            parent[child] = pid
+    family, frontier = {pid}, [pid]
+    while frontier:
+        current = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == current and child not in family:
+                family.add(child)
+                frontier.append(child)
+    return family

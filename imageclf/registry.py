@@ -133,6 +133,9 @@ def log_and_register(
     proto = onnx.load(str(onnx_path))
     # MLflow writes the file from this proto (onnx.save_model, no external data): these bytes.
     digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    # Resuming a run needs its own experiment active: whatever this process set active before
+    # (another store, another project) would make MLflow refuse the run.
+    mlflow.set_experiment(experiment_id=registry.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             proto,

@@ -443,8 +443,13 @@ def _stop_postgres(team: Team) -> bool:
 
 
 # --------------------------------------------------------------------------- Prefect set-up
-def _prefect_cli(team: Team, *args: str, env: dict[str, str] | None = None) -> str:
+def _prefect_cli(
+    team: Team, *args: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
+) -> str:
+    """``prefect ARGS`` against the team's API; ``unset``: variables the command must not see."""
     base = {**_base_env(team), "PREFECT_API_URL": team.prefect_api, **(env or {})}
+    for name in unset:
+        base.pop(name, None)
     proc = subprocess.run(
         [_bin("prefect"), *args],
         cwd=team.root,
@@ -466,19 +471,7 @@ def _deploy(team: Team) -> None:
         _prefect_cli(team, "work-pool", "create", pool, "--type", "process")
     # IMAGECLF_ROOT unset: the pull step keeps its placeholder, which each worker fills with
     # its own checkout at run time.
-    base = _base_env(team)
-    base.pop("IMAGECLF_ROOT", None)
-    proc = subprocess.run(
-        [_bin("prefect"), "--no-prompt", "deploy", "--all"],
-        cwd=team.root,
-        env={**base, "PREFECT_API_URL": team.prefect_api},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise TeamError(f"prefect deploy --all failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    _prefect_cli(team, "--no-prompt", "deploy", "--all", unset=("IMAGECLF_ROOT",))
     if team.params.schedule_monitoring:
         _schedule_monitoring(team)
 

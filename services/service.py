@@ -54,6 +54,7 @@ from services.limits import (
     BodySizeLimit,
     ErrorBodies,
     FormSpec,
+    LingeringClose,
     TaskLimit,
     UploadForms,
     install_request_timeout,
@@ -527,6 +528,8 @@ OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/ui/")
 
 # Outermost first: every refusal below gets one JSON shape; the token is checked before any
 # byte of the body is read; then the body's size, the upload form, the task store.
+# The first added is the outermost.
+ImageClassifier.add_asgi_middleware(LingeringClose, max_bytes=LIMITS.max_request_bytes)
 ImageClassifier.add_asgi_middleware(ErrorBodies)
 ImageClassifier.add_asgi_middleware(ApiToken, token=API_TOKEN, open_paths=OPEN_PATHS)
 ImageClassifier.add_asgi_middleware(BodySizeLimit, max_bytes=LIMITS.max_request_bytes)

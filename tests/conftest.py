@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,37 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_state_stays_in_its_test() -> Iterator[None]:
+    """Each test starts with MLflow as a fresh process has it: MLflow keeps the tracking URI
+    and the active experiment process-wide and copies them into os.environ, so whatever an
+    earlier test (or a module's fixture) pointed it at would receive this test's runs, or its
+    child processes'. The store a test means is the one its fixtures put in
+    MLFLOW_TRACKING_URI."""
+    import mlflow.tracking._tracking_service.utils as tracking_state
+    import mlflow.tracking.fluent as fluent_state
+
+    env = {key: os.environ.get(key) for key in MLFLOW_ENV}
+
+    def forget() -> None:
+        tracking_state._tracking_uri = None
+        fluent_state._active_experiment_id = None
+        for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+            os.environ.pop(key, None)
+
+    forget()
+    yield
+    forget()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def dvc_stages() -> list[str]:

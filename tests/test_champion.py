@@ -228,6 +228,9 @@ def test_folders_of_dead_workers_are_removed(tmp_path):
 
 
 # ------------------------------------------------------------------ end to end, real servers
+LIFECYCLE_EXPERIMENT = "lifecycle"
+
+
 def lifecycle_root(champion: ProjectPaths, root: Path) -> tuple[ProjectPaths, str, Params]:
     """A copy of the served champion's registry (its artifacts stay where they are): the
     promotions, rollbacks and tampering below never touch the shared project."""
@@ -243,11 +246,10 @@ def lifecycle_root(champion: ProjectPaths, root: Path) -> tuple[ProjectPaths, st
     params = Params.model_validate(raw)
     write_params(root, params)
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment(
-        experiment_id=mlflow.create_experiment(
-            "lifecycle", artifact_location=(root / "mlruns").as_uri()
-        )
+    # Through a client only: MLflow's process-wide tracking URI and active experiment would
+    # outlive this test and send later tests' runs into this store.
+    mlflow.MlflowClient(tracking).create_experiment(
+        LIFECYCLE_EXPERIMENT, artifact_location=(root / "mlruns").as_uri()
     )
     return ProjectPaths(root), tracking, params
 
@@ -267,8 +269,12 @@ def register_untrained(champion: ProjectPaths, tracking: str, params: Params, se
         (spec["channels"], spec["height"], spec["width"]),
         metadata={k: meta[k] for k in ("classes", "input")},
     )
-    with mlflow.start_run() as run:
-        mlflow.log_metrics({"test_accuracy": 0.1, LATENCY_METRIC: 1.0})
+    client = mlflow.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(LIFECYCLE_EXPERIMENT)
+    run = client.create_run(experiment.experiment_id)
+    for key, value in {"test_accuracy": 0.1, LATENCY_METRIC: 1.0}.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
     example = np.zeros((2, spec["channels"], spec["height"], spec["width"]), np.float32)
     return log_and_register(tracking, params, run.info.run_id, path, example)
 
@@ -347,14 +353,20 @@ def test_service_follows_the_champion_without_restart(champion_project, tmp_path
         assert rollback(cfg, "end-to-end test", tracking) == a
         wait_for(lambda: served_versions(url, image) == {a}, f"v{a} back", served)
 
-        # The registry came back: ready by itself, serving the champion.
+        # The registry came back: ready by itself, serving the champion. /readyz is answered
+        # by one worker: every worker is ready once concurrent requests all get answers.
+        def all_workers_serve_a() -> bool:
+            try:
+                return served_versions(waiting_url, image) == {a}
+            except AssertionError:  # a worker still without a model (503)
+                return False
+
         wait_for(
-            lambda: httpx.get(f"{waiting_url}/readyz").status_code == 200,
+            all_workers_serve_a,
             "ready once the registry answers",
             waiting,
             seconds=240,  # mlflow server takes 30-90 s to start on 2 cores
         )
-        assert served_versions(waiting_url, image) == {a}
 
         # A tampered file is refused: the workers keep serving A and say why.
         mlflow.set_tracking_uri(tracking)

@@ -328,3 +328,48 @@ def test_task_limit_counts_bytes_and_drops_expired_tasks(tmp_path):
     sent = asyncio.run(call(limit, headers=length, path="/classify_async/submit"))
     assert status(sent) == 429 and b"serving.max_tasks" in sent[-1]["body"]
     assert status(asyncio.run(call(limit, path="/classify"))) == 200  # not a task route
+
+
+def _streamed(chunks: list[bytes]) -> tuple[Any, list[str]]:
+    """A receive() over ``chunks`` that logs, in one list with the sends, what happened when."""
+    events: list[str] = []
+    pending = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+
+    async def receive() -> dict:
+        if not pending:
+            return {"type": "http.disconnect"}
+        events.append("read")
+        return pending.pop(0)
+
+    return receive, events
+
+
+def test_lingering_close_reads_the_rest_of_a_refused_body_before_the_answer_ends():
+    """An early 413 is sent only once the client has finished sending (up to a bound): a
+    close while it still sends would reset the connection and destroy the answer."""
+    from services.limits import LingeringClose
+
+    async def refusing_app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()  # one chunk, then refuse without reading the rest
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b"too large"})
+
+    def run(max_bytes: int, app: Any = refusing_app, chunks: int = 5) -> list[str]:
+        receive, events = _streamed([b"a" * 10] * chunks)
+
+        async def send(message: dict) -> None:
+            events.append(message["type"].removeprefix("http.response."))
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+        asyncio.run(LingeringClose(app, max_bytes)(scope, receive, send))
+        return events
+
+    # The app read 1 chunk; the other 4 are read before the answer's body is sent.
+    assert run(max_bytes=1000) == ["read", "start", "read", "read", "read", "read", "body"]
+    # Past max_bytes of leftovers it stops reading (and the server may close).
+    assert run(max_bytes=15) == ["read", "start", "read", "read", "body"]
+    # A request the app read completely is not read again.
+    assert run(max_bytes=1000, app=ok_app, chunks=1) == ["read", "start", "body"]

@@ -215,6 +215,7 @@ class ServingParams(_Section):
     top_k: int = Field(ge=1)
     # Limits that turn abusive or broken input into a 4xx before it costs anything.
     max_request_bytes: int = Field(ge=1024)
+    drain_seconds: float = Field(ge=0)
     max_images_per_request: int = Field(ge=1)
     max_image_pixels: int = Field(ge=64)
     # Multipart forms: the size of a text field or of a part's headers, and of an upload's file

@@ -22,6 +22,7 @@ sends its own 4xx: the client gets the reason, never a 500 or a dropped connecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -363,21 +364,32 @@ class LingeringClose:
     sending makes the client's kernel get a TCP reset, which can destroy the answer before
     the client reads it: the client sees a dropped connection instead of the 4xx (the soak
     benchmark saw 4 in 162 oversized chunked uploads). Draining the rest of the body first,
-    up to ``max_bytes`` more (past that, closing is the cheaper evil), lets the answer arrive.
-    The request timeout still bounds how long a slow client can keep the worker reading."""
+    up to ``max_bytes`` more and for at most ``seconds`` (past either, closing is the cheaper
+    evil: a client may also stop sending and wait for the answer), lets the answer arrive."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, seconds: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            # Too large to drain anyway: answer and close at once.
+            await self.app(scope, receive, send)
+            return
+        # A client that asked "Expect: 100-continue" sends nothing until a read says go on:
+        # if nothing was read, reading now would only invite the body it is about to refuse.
+        waits_for_go = (_header(scope, b"expect") or b"").lower() == b"100-continue"
         body_done = False
+        read_any = False
 
         async def watched_receive() -> dict[str, Any]:
-            nonlocal body_done
+            nonlocal body_done, read_any
+            read_any = True
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
@@ -386,17 +398,21 @@ class LingeringClose:
         async def draining_send(message: dict[str, Any]) -> None:
             nonlocal body_done
             final = message["type"] == "http.response.body" and not message.get("more_body")
-            if final and not body_done:
-                drained = 0
-                while drained <= self.max_bytes:
-                    rest = await receive()
-                    if rest["type"] != "http.request" or not rest.get("more_body", False):
-                        break
-                    drained += len(rest.get("body", b""))
+            if final and not body_done and (read_any or not waits_for_go):
                 body_done = True
+                with contextlib.suppress(TimeoutError):  # the client stopped sending
+                    await asyncio.wait_for(self._drain(receive), self.seconds)
             await send(message)
 
         await self.app(scope, watched_receive, draining_send)
+
+    async def _drain(self, receive: Any) -> None:
+        drained = 0
+        while drained <= self.max_bytes:
+            rest = await receive()
+            if rest["type"] != "http.request" or not rest.get("more_body", False):
+                return
+            drained += len(rest.get("body", b""))
 
 
 class ApiToken:

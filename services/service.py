@@ -529,7 +529,9 @@ OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/ui/")
 # Outermost first: every refusal below gets one JSON shape; the token is checked before any
 # byte of the body is read; then the body's size, the upload form, the task store.
 # The first added is the outermost.
-ImageClassifier.add_asgi_middleware(LingeringClose, max_bytes=LIMITS.max_request_bytes)
+ImageClassifier.add_asgi_middleware(
+    LingeringClose, max_bytes=LIMITS.max_request_bytes, seconds=LIMITS.drain_seconds
+)
 ImageClassifier.add_asgi_middleware(ErrorBodies)
 ImageClassifier.add_asgi_middleware(ApiToken, token=API_TOKEN, open_paths=OPEN_PATHS)
 ImageClassifier.add_asgi_middleware(BodySizeLimit, max_bytes=LIMITS.max_request_bytes)

@@ -357,14 +357,20 @@ def test_lingering_close_reads_the_rest_of_a_refused_body_before_the_answer_ends
         await send({"type": "http.response.start", "status": 413, "headers": []})
         await send({"type": "http.response.body", "body": b"too large"})
 
-    def run(max_bytes: int, app: Any = refusing_app, chunks: int = 5) -> list[str]:
+    async def unread_refusal(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": b"no token"})
+
+    def run(
+        max_bytes: int, app: Any = refusing_app, chunks: int = 5, headers: list | None = None
+    ) -> list[str]:
         receive, events = _streamed([b"a" * 10] * chunks)
 
         async def send(message: dict) -> None:
             events.append(message["type"].removeprefix("http.response."))
 
-        scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
-        asyncio.run(LingeringClose(app, max_bytes)(scope, receive, send))
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": headers or []}
+        asyncio.run(LingeringClose(app, max_bytes, seconds=5)(scope, receive, send))
         return events
 
     # The app read 1 chunk; the other 4 are read before the answer's body is sent.
@@ -373,3 +379,41 @@ def test_lingering_close_reads_the_rest_of_a_refused_body_before_the_answer_ends
     assert run(max_bytes=15) == ["read", "start", "read", "read", "body"]
     # A request the app read completely is not read again.
     assert run(max_bytes=1000, app=ok_app, chunks=1) == ["read", "start", "body"]
+    # A declared body too large to drain, or a client waiting for "100 Continue" before it
+    # sends anything: answered at once, nothing read (reading would invite the body).
+    too_large = [(b"content-length", b"5000")]
+    assert run(max_bytes=1000, app=unread_refusal, headers=too_large) == ["start", "body"]
+    expect = [(b"expect", b"100-continue")]
+    assert run(max_bytes=1000, app=unread_refusal, headers=expect) == ["start", "body"]
+    assert run(max_bytes=1000, app=unread_refusal) == ["start"] + ["read"] * 5 + ["body"]
+
+
+def test_lingering_close_answers_a_client_that_stops_sending_after_its_bound():
+    """A client that sends part of its body and then waits for the answer gets it once
+    ``seconds`` have passed, instead of both sides waiting for each other."""
+    from services.limits import LingeringClose
+
+    async def refusing_app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b"too large"})
+
+    async def stalled_client() -> list[str]:
+        sent: list[str] = []
+        first = [{"type": "http.request", "body": b"a", "more_body": True}]
+
+        async def receive() -> dict:
+            if first:
+                return first.pop()
+            await asyncio.Event().wait()  # never more body, never a disconnect
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message["type"])
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+        app = LingeringClose(refusing_app, max_bytes=1 << 20, seconds=0.05)
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        return sent
+
+    assert asyncio.run(stalled_client()) == ["http.response.start", "http.response.body"]

@@ -25,7 +25,9 @@ help:
 	@echo "make lint       ruff check + format check + lint-imports (layer rules)"
 	@echo "make mlflow-ui  open the MLflow UI on the project's SQLite store"
 	@echo "make audit      pip-audit of the environment (fails unless every package was checked)"
-	@echo "make team-up    team mode on loopback: PostgreSQL, MLflow + Prefect servers, worker, service"
+	@echo "make serve      the champion over HTTP on 127.0.0.1:3000 (HOST=, PORT= to change)"
+	@echo "make team-up    team mode on loopback: PostgreSQL, MLflow + Prefect servers, worker,"
+	@echo "                service, Prometheus"
 	@echo "make team-status / team-down   what runs where / stop it all (the data stays in .team/)"
 	@echo "make containerize  bentoml build + bentoml containerize (needs a Docker engine)"
 
@@ -38,7 +40,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # System packages from Debian: the offline copy of Fashion-MNIST, Chromium for the web-page
-# test, wrk for the serving benchmark, PostgreSQL and Prometheus (promtool) for team mode. Without root/apt, say what will not work instead.
+# test, wrk for the serving benchmark, PostgreSQL and Prometheus (promtool) for team mode.
+# Without root/apt, say what will not work instead.
 SYSTEM_PACKAGES := dataset-fashion-mnist chromium wrk postgresql prometheus
 dataset:
 	@missing=""; \

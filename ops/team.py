@@ -234,8 +234,14 @@ def _prometheus_dir(team: Team) -> Path:
 
 def _prometheus_cmd(team: Team) -> list[str]:
     p = team.params
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        raise TeamError(
+            "Prometheus is not installed (no `prometheus` on PATH): run `make setup` (it "
+            "installs Debian's prometheus), or `apt-get install prometheus`."
+        )
     return [
-        "prometheus",
+        prometheus,
         f"--config.file={_prometheus_dir(team) / 'prometheus.yml'}",
         f"--storage.tsdb.path={_prometheus_dir(team) / 'data'}",
         f"--web.listen-address={p.host}:{p.prometheus_port}",

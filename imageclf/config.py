@@ -137,6 +137,31 @@ class TrainParams(_Section):
     # Batch norm in the pretrained backbone: true keeps its ImageNet statistics and affine
     # parameters fixed (small batches of a small dataset estimate them badly); false trains them.
     freeze_bn: bool
+    # Continue a killed run: "auto" resumes from models/checkpoints/last.pt when the run that
+    # wrote it had the same parameters and data and did not finish; "never" always starts fresh.
+    resume: Literal["auto", "never"]
+    # Mixed precision: "auto" is fp16 with a GradScaler on CUDA and fp32 on CPU; "bf16" autocasts
+    # to bfloat16 (CPU or CUDA); "fp16" needs CUDA; "fp32" turns autocast off.
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    # Gradient accumulation: one optimizer step per this many batches (an effective batch of
+    # batch_size * accumulate_steps); under DDP the gradients are all-reduced once per step.
+    accumulate_steps: int = Field(ge=1)
+    # Exponential moving average of the weights, updated every optimizer step; 0: off. The EMA
+    # model is evaluated every epoch and becomes models/model.pt when it validates better.
+    ema_decay: float = Field(ge=0, lt=1)
+    # Stop when val_accuracy has not improved by min_delta for this many epochs; 0: off.
+    early_stopping_patience: int = Field(ge=0)
+    early_stopping_min_delta: float = Field(ge=0)
+    # Batch mixing (torchvision.transforms.v2 MixUp / CutMix, one of them per batch when both are
+    # set), trained with a soft-target cross-entropy; 0: off.
+    mixup_alpha: float = Field(ge=0)
+    cutmix_alpha: float = Field(ge=0)
+    # torch.autograd.detect_anomaly: names the backward op that produced a NaN (slow: debug only).
+    detect_anomaly: bool
+    # TensorBoard beside MLflow (logs/tensorboard): scalars, histograms, an augmented batch, graph.
+    tensorboard: bool
+    # Per-layer gradient norms, activation statistics and histograms every this many steps.
+    log_every_steps: int = Field(ge=1)
 
     @field_validator("augment")
     @classmethod

@@ -162,6 +162,11 @@ class ProjectPaths:
         return self.reports / "train_history.json"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files, one folder per training run (make tensorboard shows them)."""
+        return self.root / "logs" / "tensorboard"
+
+    @property
     def evaluate_report(self) -> Path:
         return self.reports / "evaluate.json"
 

@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup dataset run repro photos train-ddp test test-fast lint format mlflow-ui clean audit serve team-up team-down team-status containerize
+.PHONY: help setup dataset run repro photos train-ddp test test-fast lint format mlflow-ui tensorboard clean audit serve team-up team-down team-status containerize
 
 help:
 	@echo "make run        set up, then run the whole DVC pipeline (dvc repro)"
@@ -24,6 +24,7 @@ help:
 	@echo "make train-ddp  the train stage with DDP over NPROC processes (default 2; torchrun)"
 	@echo "make lint       ruff check + format check + lint-imports (layer rules)"
 	@echo "make mlflow-ui  open the MLflow UI on the project's SQLite store"
+	@echo "make tensorboard  TensorBoard over logs/tensorboard on 127.0.0.1:6006 (PORT= to change)"
 	@echo "make audit      pip-audit of the environment (fails unless every package was checked)"
 	@echo "make serve      the champion over HTTP on 127.0.0.1:3000 (HOST=, PORT= to change)"
 	@echo "make team-up    team mode on loopback: PostgreSQL, MLflow + Prefect servers, worker,"
@@ -100,6 +101,13 @@ format: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# TensorBoard over logs/tensorboard (one folder per training run, written by train when
+# train.tensorboard is on), on this machine only (HOST, like make serve); the folder comes from
+# imageclf.paths. A target-specific PORT: `make tensorboard PORT=6007` still overrides it.
+tensorboard: PORT = 6006
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir "$$($(BIN)/python -c 'from imageclf.paths import get_paths; print(get_paths().tensorboard)')" --host $(HOST) --port $(PORT)
 
 # Also the workspaces that failed training-flow runs kept for inspection (.dvc/tmp/flows).
 clean:

@@ -26,13 +26,12 @@ from typing import Any
 import torch
 
 from imageclf.config import Params, apply_overrides, load_overrides, load_params
-from imageclf.data.store import Dataset, load_dataset, split_train_val
+from imageclf.data.store import Dataset, channel_statistics, load_dataset, split_train_val
 from imageclf.models.backbones import load_pretrained
 from imageclf.models.zoo import IMAGENET_MEAN, IMAGENET_STD, build_model
 from imageclf.paths import ProjectPaths
 from imageclf.training.engine import predict_logits, seed_everything, set_threads, train_model
 from stages import download
-from stages.train import channel_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "configs" / "photos.yaml"

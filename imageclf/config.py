@@ -70,6 +70,19 @@ class DataloaderCheckParams(_Section):
     # Folder datasets: how many source files to decode to time decoding per image; 0: skip.
     decode_images: int = Field(ge=0)
     grid: LoaderGrid
+    # Sanity run on shuffled labels (imageclf.training.debugging.shuffled_label_run): a fresh
+    # model trains shuffled_steps Adam steps (lr overfit_lr) on shuffled_train_images training
+    # images with random labels; its accuracy on shuffled_val_images validation images' true
+    # labels must stay near chance (1/classes), or the labels leak into training another way.
+    shuffled_steps: int = Field(ge=1)
+    shuffled_batch_size: int = Field(ge=2)
+    shuffled_train_images: int = Field(ge=2)
+    shuffled_val_images: int = Field(ge=1)
+    # The significance level: fail when the true class names fit the predictions better than
+    # all but this share of the other namings. Leak-free runs fail this often (exact test), a
+    # leak gives the smallest possible share. A fixed margin over 1/classes cannot work: one
+    # leak-free run on Fashion-MNIST scored 17.9% for 10 classes (similar images share a guess).
+    shuffled_max_p: float = Field(gt=0, lt=1)
 
 
 # Training augmentations (imageclf.data.transforms builds them, in this order). A step is a bare
@@ -195,6 +208,9 @@ class EvaluateParams(_Section):
     # A class is named rare when its share of the training images is below this fraction of
     # the uniform share 1/num_classes (0.5: fewer than half the images a balanced split has).
     rare_class_share: float = Field(gt=0, le=1)
+    # Test images drawn in the feature-map and attention-rollout PNGs: class by class, the
+    # first right and the first wrong one (0: none; the first-layer filters are drawn anyway).
+    inside_images: int = Field(ge=0)
 
 
 class ProfileParams(_Section):
@@ -208,6 +224,21 @@ class OptimizeParams(_Section):
     calibration_images: int = Field(ge=1)
     max_accuracy_drop: float = Field(ge=0)
     eval_images: int = Field(ge=1)
+    # Compression candidates (imageclf.deploy.compress, .distill); see params.yaml.
+    latency_batch_size: int = Field(ge=1)
+    latency_iterations: int = Field(ge=1)
+    prune_sparsity: float = Field(ge=0, lt=1)
+    channel_prune_ratio: float = Field(ge=0, lt=1)
+    finetune_steps: int = Field(ge=0)
+    finetune_lr: float = Field(gt=0)
+    dynamic_quantization: bool
+    static_int8: bool
+    qat_steps: int = Field(ge=0)
+    qat_lr: float = Field(gt=0)
+    distill_teacher: str
+    distill_epochs: int = Field(ge=1)
+    distill_temperature: float = Field(gt=0)
+    distill_alpha: float = Field(ge=0, le=1)
 
 
 class ExportParams(_Section):

@@ -167,6 +167,21 @@ class ProjectPaths:
         return self.root / "logs" / "tensorboard"
 
     @property
+    def gradient_flow_plot(self) -> Path:
+        """Mean and max |gradient| per layer, in forward order (train, debugging)."""
+        return self.plots / "gradient_flow.png"
+
+    @property
+    def gradient_flow_report(self) -> Path:
+        """The numbers behind the gradient-flow plot, with the layers flagged zero/vanishing."""
+        return self.reports / "gradient_flow.json"
+
+    @property
+    def activation_stats_report(self) -> Path:
+        """Per activation: mean, std, zeros, dead units, saturation (train, forward hooks)."""
+        return self.reports / "activation_stats.json"
+
+    @property
     def evaluate_report(self) -> Path:
         return self.reports / "evaluate.json"
 
@@ -194,6 +209,20 @@ class ProjectPaths:
         return self.reports / "errors.json"
 
     @property
+    def feature_maps_plot(self) -> Path:
+        """A few conv layers' strongest channels for a few test images (evaluate)."""
+        return self.plots / "feature_maps.png"
+
+    @property
+    def first_layer_filters_plot(self) -> Path:
+        return self.plots / "first_layer_filters.png"
+
+    @property
+    def attention_rollout_plot(self) -> Path:
+        """Where vit_tiny's prediction draws from, over the image (attention rollout)."""
+        return self.plots / "attention_rollout.png"
+
+    @property
     def profile_report(self) -> Path:
         return self.reports / "profile.json"
 
@@ -213,6 +242,11 @@ class ProjectPaths:
     @property
     def optimize_report(self) -> Path:
         return self.reports / "optimize.json"
+
+    @property
+    def compressed_models(self) -> Path:
+        """Compression candidates the optimize stage kept (TorchScript, one file each)."""
+        return self.models / "compressed"
 
     @property
     def export_report(self) -> Path:

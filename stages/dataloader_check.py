@@ -1,5 +1,6 @@
-"""Stage dataloader_check: overfit one batch, then pick the fastest loader setting for train
-(measured with train's augmentation and class balance), and time decoding a source file."""
+"""Stage dataloader_check: overfit one batch, train briefly on shuffled labels (validation must
+stay at chance), then pick the fastest loader setting for train (measured with train's
+augmentation and class balance), and time decoding a source file."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from imageclf.data.loader_check import (
     source_files,
     why_chosen,
 )
-from imageclf.data.store import load_dataset
+from imageclf.data.store import load_dataset, split_train_val
 from imageclf.io import write_json
 from imageclf.models.zoo import build_model
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
+from imageclf.training.debugging import shuffled_label_run
 from imageclf.training.engine import seed_everything
 
 
@@ -37,6 +39,21 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     except OverfitFailed as exc:
         raise StageError(str(exc)) from exc
     train_cfg = params.train
+    # A fresh model of the same kind, on train's own train/val split (LabelLeak fails the stage).
+    seed_everything(params.seed)
+    fresh = build_model(train_cfg.model, dataset.num_classes, c, train_cfg.width, image_size=h)
+    train_idx, val_idx = split_train_val(
+        dataset.train.labels, params.data.val_fraction, params.seed
+    )
+    shuffled = shuffled_label_run(
+        fresh,
+        dataset.train.subset(train_idx),
+        dataset.train.subset(val_idx) if len(val_idx) else dataset.test,
+        dataset.num_classes,
+        cfg,
+        params.seed,
+        train_cfg.augment,
+    )
     balance = train_cfg.class_balance == "sampler"
     rows, chosen = loader_grid(
         dataset.train, train_cfg.batch_size, cfg, params.seed, train_cfg.augment, balance
@@ -46,6 +63,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         "overfit_initial_loss": overfit["initial_loss"],
         "overfit_final_loss": overfit["final_loss"],
         "overfit_passed": overfit["passed"],
+        "shuffled_labels": shuffled,
         "best_images_per_second": max(r["images_per_second"] for r in rows),
         "chosen": chosen.as_dict(),
         "chosen_because": why_chosen(rows, chosen),

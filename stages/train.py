@@ -16,7 +16,7 @@ import numpy as np
 
 from imageclf.config import Params, TrainParams
 from imageclf.data.loaders import load_loader_settings
-from imageclf.data.store import load_dataset, split_train_val
+from imageclf.data.store import channel_statistics, load_dataset, split_train_val
 from imageclf.io import write_json
 from imageclf.models.backbones import load_pretrained, pretrained_models
 from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
@@ -25,27 +25,18 @@ from imageclf.paths import ProjectPaths
 from imageclf.stage import InvalidInput, StageError, main
 from imageclf.tracking import experiment_tags, flatten, git_commit, params_hash, setup_mlflow
 from imageclf.training import distributed
-from imageclf.training.engine import EpochMetrics, seed_everything, set_threads, train_model
+from imageclf.training.debugging import check_model_accepts
+from imageclf.training.engine import (
+    EpochMetrics,
+    TrainHistory,
+    seed_everything,
+    set_threads,
+    train_model,
+)
+from imageclf.training.resume import fingerprint, resume_state
+from imageclf.training.watch import build_observers
 
 log = logging.getLogger(__name__)
-
-
-def channel_statistics(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images in [0, 1], a chunk at a time (no float
-    copy of the whole dataset, which may be memory-mapped from disk)."""
-    channels = images.shape[-1]
-    total = np.zeros(channels)
-    squares = np.zeros(channels)
-    count = 0
-    for start in range(0, len(images), chunk):
-        block = np.asarray(images[start : start + chunk], dtype=np.float64).reshape(-1, channels)
-        total += block.sum(0)
-        squares += np.square(block).sum(0)
-        count += len(block)
-    mean = total / max(count, 1) / 255.0
-    var = np.maximum(squares / max(count, 1) / 255.0**2 - mean**2, 0.0)
-    std = np.sqrt(var)
-    return [float(m) for m in mean], [float(s) if s > 0 else 1.0 for s in std]
 
 
 def pretrained_kind(cfg: TrainParams) -> str:
@@ -80,6 +71,15 @@ def check_transfer_params(cfg: TrainParams) -> None:
             f"{', '.join(needs)} needs train.init_from or train.pretrained (freezing random "
             "features learns nothing)."
         )
+
+
+def chosen_weights(history: TrainHistory) -> str:
+    """Which weights models/model.pt gets: "ema" when the EMA of the weights validated better
+    than the weights themselves after the last epoch, else "raw" (ties keep the trained ones)."""
+    final = history.final
+    if history.ema is None or final.ema_val_accuracy is None or final.val_accuracy is None:
+        return "raw"
+    return "ema" if final.ema_val_accuracy > final.val_accuracy else "raw"
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
@@ -158,12 +158,22 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                 f"train.init_from: {source} is not a checkpoint this project wrote ({exc})."
             ) from exc
         log.info("transfer learning: %d feature tensors from %s", copied, source)
+    # A model that disagrees with the data's shape fails here, naming the layer and the setting.
+    check_model_accepts(model, dataset.image_shape)
     loader = load_loader_settings(paths.loader_config)
+    # models/checkpoints/last.pt of a killed run with the same parameters and data: continue it
+    # (every rank reads it: each has its own random states in it).
+    wanted = fingerprint(params, str(dataset.meta.get("train_hash")), distributed.world_size())
+    resume = resume_state(paths.last_checkpoint, wanted, cfg.resume)
     if not distributed.is_main():  # a DDP worker: train its shard, leave the records to rank 0
-        train_model(model, train_split, val_split, cfg, seed=params.seed, loader=loader)
+        train_model(
+            model, train_split, val_split, cfg, seed=params.seed, loader=loader, resume=resume
+        )
         return {"rank": distributed.rank()}
     setup_mlflow(paths, cfg.mlflow_experiment)
-    history_rows: list[dict[str, Any]] = []
+    history_rows: list[dict[str, Any]] = [
+        EpochMetrics(**row).as_dict() for row in (resume["history"] if resume else [])
+    ]
     with (
         mlflow.start_run(run_name=f"{cfg.model}-w{cfg.width}-e{cfg.epochs}") as active,
         tempfile.TemporaryDirectory() as tmp,
@@ -188,23 +198,33 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         )
         mlflow.log_params({"loader." + k: v for k, v in loader.as_dict().items()})
         mlflow.log_param("world_size", distributed.world_size())
+        if resume is not None:  # a new MLflow run, holding the killed run's epochs too
+            mlflow.set_tag("resumed_after_epoch", resume["epoch"])
+            for row in history_rows:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
         def on_epoch_end(metrics: EpochMetrics, model_: Any, _opt: Any) -> None:
             row = metrics.as_dict()
             history_rows.append(row)
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=metrics.epoch)
-            # models/model.pt is replaced only when training completes; a crash leaves the last
-            # good model in place and the latest epoch in models/checkpoints/last.pt.
-            save_checkpoint(
-                paths.last_checkpoint,
-                model_,
-                spec,
-                extra={"epoch": metrics.epoch},
-            )
             epoch_copy = Path(tmp) / f"epoch_{metrics.epoch:03d}.pt"
             save_checkpoint(epoch_copy, model_, spec, extra={"epoch": metrics.epoch})
             mlflow.log_artifact(str(epoch_copy), artifact_path="checkpoints")
 
+        def save_state(state: dict[str, Any]) -> None:
+            # models/model.pt is replaced only when training completes; a crash leaves the last
+            # good model in place and the latest epoch, with all it takes to continue, in
+            # models/checkpoints/last.pt (written atomically: never half a file).
+            save_checkpoint(
+                paths.last_checkpoint,
+                model,
+                spec,
+                extra={"epoch": state["epoch"], "resume": {**state, "fingerprint": wanted}},
+            )
+
+        # TensorBoard, gradient flow, activation statistics (rank 0 only; train_model closes
+        # them); the TensorBoard folder is named after this MLflow run.
+        observers = build_observers(cfg, paths, f"{active.info.run_name}-{active.info.run_id[:8]}")
         history = train_model(
             model,
             train_split,
@@ -213,9 +233,21 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             seed=params.seed,
             loader=loader,
             on_epoch_end=on_epoch_end,
+            observers=observers,
+            resume=resume,
+            save_state=save_state,
         )
         final = history.final
-        save_checkpoint(paths.checkpoint, model, spec, extra={"epoch": final.epoch})
+        for report in (
+            paths.gradient_flow_plot,
+            paths.gradient_flow_report,
+            paths.activation_stats_report,
+        ):
+            if report.is_file():
+                mlflow.log_artifact(str(report), artifact_path="debugging")
+        weights = chosen_weights(history)
+        kept = history.ema.module if weights == "ema" and history.ema is not None else model
+        save_checkpoint(paths.checkpoint, kept, spec, extra={"epoch": final.epoch})
         result = {
             "model": cfg.model,
             "parameters": count_parameters(model),
@@ -227,6 +259,15 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             "images_per_second": float(np.mean([e.images_per_second for e in history.epochs])),
             "mlflow_run_id": active.info.run_id,
             "world_size": distributed.world_size(),
+            # Which weights models/model.pt holds: the trained ones or their EMA (train.ema_decay),
+            # whichever validated better in the last epoch.
+            "weights": weights,
+            "ema_val_accuracy": final.ema_val_accuracy
+            if final.ema_val_accuracy is not None
+            else -1.0,
+            "best_epoch": history.best_epoch if history.best_epoch is not None else -1,
+            "stopped_early": history.stopped_early,
+            "resumed_after_epoch": history.resumed_after_epoch,
         }
         mlflow.log_metrics({"train_seconds": history.seconds, "parameters": result["parameters"]})
         mlflow.log_dict(spec.input_contract(), "input_contract.json")

@@ -280,3 +280,21 @@ def load_dataset(folder: Path) -> Dataset:
         for name in ("train", "test")
     }
     return Dataset(splits["train"], splits["test"], meta)
+
+
+def channel_statistics(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images in [0, 1], a chunk at a time (no float
+    copy of the whole dataset, which may be memory-mapped from disk)."""
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    count = 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start : start + chunk], dtype=np.float64).reshape(-1, channels)
+        total += block.sum(0)
+        squares += np.square(block).sum(0)
+        count += len(block)
+    mean = total / max(count, 1) / 255.0
+    var = np.maximum(squares / max(count, 1) / 255.0**2 - mean**2, 0.0)
+    std = np.sqrt(var)
+    return [float(m) for m in mean], [float(s) if s > 0 else 1.0 for s in std]

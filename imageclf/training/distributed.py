@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (a collective: every rank must call it). The
+    resumable checkpoint uses it for each rank's random states, which differ by design."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def check_replicas_in_sync(model: nn.Module, device: torch.device) -> None:

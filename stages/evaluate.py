@@ -2,7 +2,9 @@
 
 Test accuracy, balanced accuracy and per-class precision/recall/F1, the confusion matrix, and the
 error analysis a person looks at: the most confidently wrong test images and the most confused
-class pairs (PNG, and one self-contained HTML page), all logged to the training run in MLflow.
+class pairs (PNG, and one self-contained HTML page), and what the model looks at for a few test
+images (feature maps, first-layer filters, attention rollout), all logged to the training run in
+MLflow.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.evaluation.error_analysis import write_error_analysis
+from imageclf.evaluation.inside import write_inside_views
 from imageclf.evaluation.metrics import (
     classification_report,
     confusion_matrix,
@@ -74,6 +77,20 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         spec.name,
     )
     write_json(paths.error_analysis_report, errors)
+    inside = write_inside_views(
+        model,
+        images,
+        labels,
+        probabilities,
+        dataset.classes,
+        cfg.inside_images,
+        paths.feature_maps_plot,
+        paths.first_layer_filters_plot,
+        paths.attention_rollout_plot,
+        spec.name,
+        paths.root,
+    )
+    report.update(inside)  # lists: files and images for a person, not metrics for DVC
     write_json(paths.evaluate_report, report)
 
     flat = {key: report[key] for key in (TEST_ACCURACY, BALANCED_ACCURACY, MACRO_F1, WORST_RECALL)}
@@ -87,6 +104,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         paths.confused_pairs_plot,
         paths.error_analysis_html,
         paths.error_analysis_report,
+        paths.feature_maps_plot,
+        paths.first_layer_filters_plot,
+        paths.attention_rollout_plot,
     ]
     log_to_run(paths, train_info.get("mlflow_run_id"), flat, artifacts)
     return report

@@ -179,3 +179,39 @@ def test_serving_graph_scores_match_evaluation_and_expose_the_embedding():
     assert embedding.shape == (3, 32)  # 4 * width: the pooled features before the classifier
     plain, _ = ServingGraph(model, tta_flip=False)(x)
     torch.testing.assert_close(plain, model(x))
+
+
+def test_mlp_learns_folds_and_exports_like_every_model(tmp_path):
+    """``train.model: mlp`` (Mini-Project 2) through the road every model takes: the engine's
+    loop learns a held-out task, its BatchNorm folds into the Linear layers, a folded checkpoint
+    reloads, and the served graph exports to ONNX with the same scores and a dynamic batch."""
+    from imageclf.deploy.export import export_onnx, verify_onnx
+    from imageclf.models.zoo import ServingGraph, split_head
+    from imageclf.training.engine import predict_logits, train_model
+    from tests.conftest import synthetic_split, tiny_params
+
+    cfg = tiny_params(train={"model": "mlp", "width": 8, "epochs": 10, "augment": []}).train
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", cfg.width, 4, 1, 12, tuple("abcd"), 0.3, 0.35)
+    model = spec.build()
+    train_model(model, synthetic_split(24, seed=1), None, cfg, seed=0, progress=False)
+    held_out = synthetic_split(10, seed=2)
+    logits = predict_logits(model, held_out.images)
+    assert (logits.argmax(1).numpy() == held_out.labels).mean() >= 0.9  # chance: 0.25
+
+    model.eval()
+    x = torch.rand(5, 1, 12, 12)
+    assert split_head(model)[0](x).shape == (5, 16 * cfg.width)  # the embedding served
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), model(x))
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+    folded_spec = ModelSpec(**{**spec.__dict__, "bn_folded": True})
+    save_checkpoint(tmp_path / "f.pt", folded, folded_spec)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "f.pt")[0](x), folded(x))
+
+    serving = ServingGraph(folded, tta_flip=False).eval()
+    path = export_onnx(serving, tmp_path / "mlp.onnx", (1, 12, 12))
+    check = verify_onnx(path, serving, held_out.images)
+    assert check["dynamic_batch"] and check["argmax_agreement"] == 1.0
+    assert check["max_abs_diff"] < 1e-4

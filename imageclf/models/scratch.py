@@ -3,21 +3,25 @@
 * :class:`SoftmaxCrossEntropy` is a custom ``torch.autograd.Function``: its forward saves the
   probabilities, and its backward is the one-line gradient of cross-entropy with respect to the
   logits, ``(softmax - one_hot) / N``. ``tests/test_scratch.py`` checks it with ``gradcheck``.
-* :class:`ScratchMLP` is a two-layer perceptron on plain tensors, no ``nn.Module`` and no
+* :class:`ScratchMLP` is a multilayer perceptron on plain tensors, no ``nn.Module`` and no
   autograd: its :meth:`~ScratchMLP.gradients` applies the chain rule layer by layer, and the
-  test compares every gradient with what autograd computes for the same function.
+  test compares every gradient with what autograd computes for the same function. At
+  ``train.width`` it has the layer sizes of the registered ``mlp`` (:meth:`ScratchMLP.for_width`).
 
 Both share :func:`cross_entropy_grad`, so the formula is written once.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from imageclf.models.layers import log_softmax, softmax
+from imageclf.models.zoo import mlp_hidden_sizes
 
 
 def cross_entropy_grad(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,15 +54,17 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 class ScratchMLP:
-    """x (N, D) -> Linear(D, H) -> ReLU -> Linear(H, K) -> logits, as bare tensors.
+    """x (N, D) -> [Linear -> ReLU] per hidden layer -> Linear(., K) -> logits, as bare tensors.
 
-    Kaiming-uniform initial weights (what ``nn.Linear`` draws, scaled for ReLU), zero biases.
+    ``hidden``: one size or a sequence of sizes (:meth:`for_width` takes those of the registered
+    ``mlp``). Kaiming-uniform initial weights (what ``nn.Linear`` draws, scaled for ReLU), zero
+    biases; parameters ``w1, b1, ..., wL, bL`` from the input side.
     """
 
     def __init__(
         self,
         inputs: int,
-        hidden: int,
+        hidden: int | Sequence[int],
         classes: int,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
@@ -68,34 +74,48 @@ class ScratchMLP:
             draw = torch.rand(fan_in, fan_out, generator=generator, dtype=dtype)
             return (draw * 2 - 1) * bound
 
-        self.params: dict[str, torch.Tensor] = {
-            "w1": weight(inputs, hidden),
-            "b1": torch.zeros(hidden, dtype=dtype),
-            "w2": weight(hidden, classes),
-            "b2": torch.zeros(classes, dtype=dtype),
-        }
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        sizes = (inputs, *hidden, classes)
+        self.layers = len(sizes) - 1
+        self.params: dict[str, torch.Tensor] = {}
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
+            self.params[f"w{i}"] = weight(fan_in, fan_out)
+            self.params[f"b{i}"] = torch.zeros(fan_out, dtype=dtype)
+
+    @classmethod
+    def for_width(cls, inputs: int, width: int, classes: int, **kwargs: Any) -> ScratchMLP:
+        """The layer sizes of the registered ``mlp`` at ``train.width`` (its BatchNorm and
+        dropout aside): the same network, trained without autograd."""
+        return cls(inputs, mlp_hidden_sizes(width), classes, **kwargs)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits, and what the backward pass needs from the forward one (the cache)."""
+        """Logits, and what the backward pass needs from the forward one (the cache): each
+        layer's input ``a{i-1}`` and each hidden layer's pre-activation ``z{i}``."""
         p = self.params
-        pre = x @ p["w1"] + p["b1"]
-        hidden = pre.clamp_min(0)
-        return hidden @ p["w2"] + p["b2"], {"x": x, "pre": pre, "hidden": hidden}
+        cache = {"a0": x}
+        out = x
+        for i in range(1, self.layers + 1):
+            out = out @ p[f"w{i}"] + p[f"b{i}"]
+            if i < self.layers:  # hidden layer: ReLU; the last one gives the logits
+                cache[f"z{i}"] = out
+                out = out.clamp_min(0)
+                cache[f"a{i}"] = out
+        return out, cache
 
     def gradients(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict]:
-        """Mean cross-entropy and its gradient for every parameter, by the chain rule."""
+        """Mean cross-entropy and its gradient for every parameter, by the chain rule from the
+        loss back to the input, one layer at a time."""
         logits, cache = self.forward(x)
         probs = softmax(logits)
         loss = -log_softmax(logits).gather(1, targets[:, None]).mean()
-        d_logits = cross_entropy_grad(probs, targets)  # (N, K)
-        d_hidden = d_logits @ self.params["w2"].T  # (N, H)
-        d_pre = d_hidden * (cache["pre"] > 0)  # ReLU passes the gradient where it was open
-        grads = {
-            "w2": cache["hidden"].T @ d_logits,
-            "b2": d_logits.sum(0),
-            "w1": cache["x"].T @ d_pre,
-            "b1": d_pre.sum(0),
-        }
+        delta = cross_entropy_grad(probs, targets)  # d loss / d (layer L's output), (N, K)
+        grads: dict[str, torch.Tensor] = {}
+        for i in range(self.layers, 0, -1):
+            grads[f"w{i}"] = cache[f"a{i - 1}"].T @ delta  # output = input @ w + b
+            grads[f"b{i}"] = delta.sum(0)
+            if i > 1:
+                d_input = delta @ self.params[f"w{i}"].T  # into layer i-1's activation
+                delta = d_input * (cache[f"z{i - 1}"] > 0)  # ReLU passes it where it was open
         return float(loss), grads
 
     def sgd_step(self, x: torch.Tensor, targets: torch.Tensor, lr: float) -> float:

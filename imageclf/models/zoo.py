@@ -264,6 +264,36 @@ def vit_tiny(
     )
 
 
+def mlp_hidden_sizes(width: int) -> tuple[int, ...]:
+    """The hidden layers of ``mlp``, widest first, from ``train.width`` (16: 512 then 256).
+
+    One definition for the registered model and the hand-written one in
+    :mod:`imageclf.models.scratch`, so the two are the same network with and without autograd."""
+    return (32 * width, 16 * width)
+
+
+@register("mlp")
+def mlp(num_classes: int, in_channels: int, width: int = 32, image_size: int = 28) -> nn.Module:
+    """The course's Mini-Project 2: a multilayer perceptron on the flattened pixels.
+
+    Each hidden block is Linear (no bias: BatchNorm supplies it) -> BatchNorm1d -> ReLU ->
+    Dropout, sized by :func:`mlp_hidden_sizes`. BatchNorm rather than LayerNorm: at inference
+    it is an affine map that :func:`fold_batchnorm` folds into the Linear before it, so the
+    served graph is Linear/ReLU only. It has no notion of neighbouring pixels (a shifted image
+    is a new input), which is why the CNNs beat it on images: the reference point for them."""
+    sizes = (in_channels * image_size * image_size, *mlp_hidden_sizes(width))
+    blocks = [
+        nn.Sequential(
+            nn.Linear(fan_in, fan_out, bias=False),
+            nn.BatchNorm1d(fan_out),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.2),
+        )
+        for fan_in, fan_out in itertools.pairwise(sizes)
+    ]
+    return nn.Sequential(nn.Flatten(), *blocks, nn.Linear(sizes[-1], num_classes))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -283,8 +313,9 @@ class FlipTTA(nn.Module):
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Return a copy with every Conv2d -> BatchNorm2d pair (inside a Sequential) folded."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    """Return a copy with every Conv2d -> BatchNorm2d and Linear -> BatchNorm1d pair (inside a
+    Sequential) folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     model = copy.deepcopy(model).eval()
 
@@ -292,9 +323,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Sequential):
             names = list(module._modules)
             for first, second in itertools.pairwise(names):
-                conv, bn = module._modules[first], module._modules[second]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                layer, bn = module._modules[first], module._modules[second]
+                if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module._modules[first] = fuse_conv_bn_eval(layer, bn)
+                    module._modules[second] = nn.Identity()
+                elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+                    module._modules[first] = fuse_linear_bn_eval(layer, bn)
                     module._modules[second] = nn.Identity()
         for child in module.children():
             visit(child)

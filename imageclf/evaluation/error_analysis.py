@@ -150,6 +150,19 @@ def message_figure(text: str, title: str) -> Any:
     return fig
 
 
+def show_image(ax: Any, image: np.ndarray) -> None:
+    """A uint8 HWC image on its true 0-255 scale (grayscale without a colour map), its pixels
+    kept sharp: enlarged by nearest neighbour, so a 28x28 image shows what the model saw."""
+    gray = image.shape[2] == 1
+    ax.imshow(
+        image[..., 0] if gray else image,
+        cmap="gray" if gray else None,
+        vmin=0,
+        vmax=255,
+        interpolation="nearest",
+    )
+
+
 def plot_top_losses(
     images: np.ndarray, losses: list[TopLoss], classes: list[str], path: Path, title: str
 ) -> Path:
@@ -162,15 +175,7 @@ def plot_top_losses(
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, losses, strict=False):
-        image = images[item.index]
-        gray = image.shape[2] == 1
-        ax.imshow(
-            image[..., 0] if gray else image,
-            cmap="gray" if gray else None,
-            vmin=0,
-            vmax=255,
-            interpolation="nearest",
-        )
+        show_image(ax, images[item.index])
         ax.set_title(
             f"true: {shorten(classes[item.true_label])}\n"
             f"pred: {shorten(classes[item.predicted_label])} {item.probability:.1%}",

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from imageclf.data.transforms import to_model_input
-from imageclf.evaluation.error_analysis import message_figure, shorten
+from imageclf.evaluation.error_analysis import message_figure, shorten, show_image
 from imageclf.io import write_with
 from imageclf.models.layers import MultiHeadSelfAttention
 
@@ -238,17 +238,6 @@ def pooled_rollout(rollout: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- drawing
-def _show_image(ax: Any, image: np.ndarray) -> None:
-    gray = image.shape[2] == 1
-    ax.imshow(
-        image[..., 0] if gray else image,
-        cmap="gray" if gray else None,
-        vmin=0,
-        vmax=255,
-        interpolation="nearest",
-    )
-
-
 def image_caption(item: ChosenImage, classes: list[str]) -> str:
     mark = "right" if item.correct else "WRONG"
     return (
@@ -308,7 +297,7 @@ def plot_feature_maps(
             strength = act.abs().mean((1, 2))
             top = torch.argsort(-strength, stable=True)[: cols - 1]
             ax = axes[row, 0]
-            _show_image(ax, images[item.index])
+            show_image(ax, images[item.index])
             ax.set_title(
                 image_caption(item, classes) if layer == next(iter(maps)) else "", fontsize=6
             )
@@ -398,7 +387,7 @@ def plot_rollout(
         h, w = image.shape[:2]
         for ax in (left, right):
             ax.axis("off")
-            _show_image(ax, image)
+            show_image(ax, image)
         right.imshow(
             grid.numpy(),
             cmap="inferno",

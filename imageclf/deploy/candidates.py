@@ -233,7 +233,10 @@ def compress_candidates(
             **history,
         )
     else:
-        skip(DISTILLED, 'off (optimize.distill_teacher: ""; README "Distillation" makes one)')
+        skip(
+            DISTILLED,
+            'off (optimize.distill_teacher: ""; docs/optimize.md, "Distillation", makes one)',
+        )
 
     x = to_model_input(images[:batch])
     latency = compress.interleaved_latency(

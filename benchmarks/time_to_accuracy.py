@@ -493,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if not 0 < args.subset <= 1 or args.baseline_epochs < 1 or args.threads < 1:
         parser.error("--subset must be in (0, 1], --baseline-epochs and --threads at least 1.")
+    if args.quiet_reference and args.skip_default:  # before any training, not after it
+        raise ParamsError("--quiet-reference scales by the default run: drop --skip-default.")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     paths = ProjectPaths(args.root)
     base = load_params(paths.params)

@@ -144,6 +144,11 @@ def test_the_project_runs_learn(tiny_report):
         (["--set", "train.nope=1"], "Unknown parameter"),
         (["--skip-default"], "no project run"),
         (["--config", "missing.yaml"], "No configuration file"),
+        # refused before the baseline trains (it was once refused after the whole run)
+        (
+            ["--skip-default", "--config", "configs/long.yaml", "--quiet-reference", "x.json"],
+            "drop --skip-default",
+        ),
     ],
 )
 def test_bad_arguments_say_what_to_fix(argv, message, tmp_path):

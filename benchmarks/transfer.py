@@ -5,7 +5,8 @@ download stage's folder reader, ``build_model``, ``load_pretrained``, ``train_mo
 
 - EfficientNet-Lite0, ImageNet weights, fine-tuned at 96 px with the photo configuration
   (``configs/photos.yaml``: AdamW + OneCycle, a head-only epoch, discriminative LRs, frozen BN);
-- ``resnet_small`` from scratch at 64 px (today's default model, the same augmentation);
+- ``resnet_small`` from scratch at 64 px (the zoo's from-scratch model for photos, the same
+  augmentation);
 - a linear probe: Lite0's frozen ImageNet features (computed once), a new linear head.
 
     python -m benchmarks.photo_folder /tmp/photos --train-per-class 400 --test-per-class 100

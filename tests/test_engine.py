@@ -20,7 +20,7 @@ def test_training_learns_a_learnable_task():
     train, test = synthetic_split(60, seed=1), synthetic_split(10, seed=2)
     cfg = tiny_params(train={"epochs": 4, "width": 8, "lr": 0.1}).train
     torch.manual_seed(0)
-    model = build_model(cfg.model, 4, 1, cfg.width)
+    model = build_model(cfg.model, 4, 1, cfg.width, image_size=12)
     seen = []
     history = train_model(
         model,
@@ -43,7 +43,7 @@ def test_same_seed_same_weights():
     weights = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_model(cfg.model, 4, 1, cfg.width)
+        model = build_model(cfg.model, 4, 1, cfg.width, image_size=12)
         train_model(model, train, None, cfg, seed=3, progress=False)
         weights.append(torch.cat([p.flatten() for p in model.parameters()]))
     torch.testing.assert_close(weights[0], weights[1])
@@ -52,7 +52,7 @@ def test_same_seed_same_weights():
 def test_divergence_is_reported_not_silently_trained_through():
     train = synthetic_split(10, seed=1)
     cfg = tiny_params().train
-    model = build_model(cfg.model, 4, 1, cfg.width)
+    model = build_model(cfg.model, 4, 1, cfg.width, image_size=12)
     with torch.no_grad():
         model[1][-1].weight.fill_(float("nan"))  # what an exploding update leaves behind
     with pytest.raises(FloatingPointError, match=r"lower train\.lr"):

@@ -14,12 +14,14 @@ from imageclf.training.engine import train_model
 from stages import train
 from tests.conftest import synthetic_split, tiny_params
 
+SOURCE_MODEL = "resnet_small"  # the architecture of the checkpoint below
+
 
 @pytest.fixture
 def source_checkpoint(tmp_path):
     """A 4-class model as another dataset's training would leave it."""
     torch.manual_seed(1)
-    spec = ModelSpec("resnet_small", 8, 4, 1, 12, tuple("abcd"), 0.2, 0.3)
+    spec = ModelSpec(SOURCE_MODEL, 8, 4, 1, 12, tuple("abcd"), 0.2, 0.3)
     model = spec.build()
     with torch.no_grad():  # make the BN statistics non-default, so copying them is visible
         for m in model.modules():
@@ -69,13 +71,19 @@ def test_a_checkpoint_of_another_shape_is_refused_with_the_reason(source_checkpo
 def test_train_stage_uses_init_from_and_refuses_freezing_without_it(project, source_checkpoint):
     path, _ = source_checkpoint
     result = train.run(
-        tiny_params(train={"width": 8, "init_from": str(path), "freeze_epochs": 1}), project
+        tiny_params(
+            train={"model": SOURCE_MODEL, "width": 8, "init_from": str(path), "freeze_epochs": 1}
+        ),
+        project,
     )
     assert result["epochs"] == 1
     with pytest.raises(StageError, match=r"needs train\.init_from"):
         train.run(tiny_params(train={"freeze_epochs": 1}), project)
     with pytest.raises(StageError, match="does not fit"):
-        train.run(tiny_params(train={"width": 16, "init_from": str(path)}), project)
+        train.run(
+            tiny_params(train={"model": SOURCE_MODEL, "width": 16, "init_from": str(path)}),
+            project,
+        )
     with pytest.raises(StageError, match="no file at"):
         train.run(tiny_params(train={"init_from": "models/nowhere.pt"}), project)
     garbage = project.root / "garbage.pt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -179,6 +180,33 @@ def test_serving_graph_scores_match_evaluation_and_expose_the_embedding():
     assert embedding.shape == (3, 32)  # 4 * width: the pooled features before the classifier
     plain, _ = ServingGraph(model, tta_flip=False)(x)
     torch.testing.assert_close(plain, model(x))
+
+
+def test_zero_init_residual_block_starts_as_the_identity():
+    from imageclf.models.zoo import ResidualBlock
+
+    x = torch.rand(2, 8, 6, 6)  # non-negative, so relu(x + 0) == x
+    block = ResidualBlock(8, zero_init=True).train()
+    torch.testing.assert_close(block(x), x)
+    # ... and only starts there: the branch still gets a gradient and grows in.
+    block(x).sum().backward()
+    assert block.body[1][1].weight.grad.abs().sum() > 0
+    plain = ResidualBlock(8).train()
+    assert not torch.allclose(plain(x), x)
+
+
+@pytest.mark.parametrize("size", [12, 27, 28, 64])
+def test_resnet_pos_classifier_reads_the_whole_map_at_any_size(size):
+    from imageclf.models.zoo import POS_HIDDEN, ServingGraph, split_head
+
+    model = build_model("resnet_pos", 10, 1, 8, image_size=size).eval()
+    features, _ = split_head(model)
+    side = math.ceil(math.ceil(size / 2) / 2)  # after two stride-2 convs
+    hidden = [m for m in features.modules() if isinstance(m, torch.nn.Linear)]
+    assert hidden[0].in_features == 4 * 8 * side * side  # every position of the last map
+    x = torch.rand(3, 1, size, size)
+    scores, embedding = ServingGraph(model, tta_flip=False)(x)
+    assert scores.shape == (3, 10) and embedding.shape == (3, POS_HIDDEN)
 
 
 def test_mlp_learns_folds_and_exports_like_every_model(tmp_path):

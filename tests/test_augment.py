@@ -23,10 +23,12 @@ PER_IMAGE_STEPS = [
 EVERY_STEP = ["hflip", {"translate": 2}, *PER_IMAGE_STEPS]
 
 
-def today_random_augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def today_random_augment(
+    batch: torch.Tensor, generator: torch.Generator, pad: int = 2
+) -> torch.Tensor:
     """The training augmentation before the policy existed, verbatim (flip, then a shift of up
-    to 2 pixels, on the float batch in the training loop): the default policy must equal it."""
-    pad = 2
+    to ``pad`` pixels, on the float batch in the training loop): a [hflip, translate] policy
+    must equal it."""
     n, _, h, w = batch.shape
     flip_mask = torch.rand(n, generator=generator) < 0.5
     batch = torch.where(flip_mask[:, None, None, None], batch.flip(3), batch)
@@ -146,15 +148,16 @@ def test_same_seed_same_augmentation_other_batch_other_draws():
 
 
 def test_default_policy_is_todays_augmentation():
-    """params.yaml's default ([hflip, {translate: 2}]) gives, per batch, exactly what the
+    """params.yaml's default ([hflip, {translate: k}]) gives, per batch, exactly what the
     training loop used to compute on its float batch with the same generator."""
     default = tiny_params().train.augment
-    assert default == ["hflip", {"translate": 2}]
+    assert len(default) == 2 and default[0] == "hflip" and list(default[1]) == ["translate"]
+    pad = int(default[1]["translate"])
     split = synthetic_split(16, size=12, seed=3)
     dataset = InMemoryImages(split, build_augmentation(default, 1, 12), seed=5)
     indices = list(range(0, 64, 3))
     images, labels = dataset.__getitems__(NumberedBatch(4, indices))
-    before = today_random_augment(to_model_input(split.images[indices]), batch_generator(5, 4))
+    before = today_random_augment(to_model_input(split.images[indices]), batch_generator(5, 4), pad)
     torch.testing.assert_close(images, before, rtol=0, atol=0)
     assert torch.equal(labels, torch.from_numpy(split.labels[indices]))
 

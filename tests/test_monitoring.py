@@ -7,6 +7,8 @@ import pytest
 
 from imageclf.data.store import load_dataset
 from imageclf.io import read_json
+from imageclf.models.checkpoint import load_checkpoint
+from imageclf.models.zoo import split_head
 from monitoring.report import run_monitoring
 from tests.conftest import FASHION_MNIST_DIR
 from tests.monitoring_helpers import monitoring_project, serve_window
@@ -19,7 +21,9 @@ pytestmark = pytest.mark.skipif(
 def test_reference_stage_writes_summaries(tmp_path, monkeypatch):
     paths, _ = monitoring_project(tmp_path, monkeypatch)
     summary = read_json(paths.reports / "reference.json")
-    assert summary["images"] == 2000 and summary["embedding_dim"] == 32
+    # The embedding is the classifier's input, whatever the trained architecture.
+    dim = split_head(load_checkpoint(paths.checkpoint)[0])[1].in_features
+    assert summary["images"] == 2000 and summary["embedding_dim"] == dim
     assert abs(sum(summary["predicted_share"].values()) - 1) < 1e-3
 
 

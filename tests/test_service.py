@@ -25,6 +25,8 @@ from benchmarks.serving import phone_photo, small_photo
 from imageclf.data.store import load_dataset
 from imageclf.deploy.serving import OnnxClassifier
 from imageclf.local_servers import stop
+from imageclf.models.checkpoint import load_checkpoint
+from imageclf.models.zoo import split_head
 from imageclf.paths import ProjectPaths
 from imageclf.registry import register_workspace
 from tests import service_helpers
@@ -405,7 +407,9 @@ def test_predictions_are_logged_with_input_summaries(server, champion_project, t
         time.sleep(0.25)
     window = PredictionLog(path).read_window(last=1)
     assert window["model_version"] == ["1"] and window["predicted"][0] == offline[5]
-    assert window["pixels"].shape == (1, 7) and window["embeddings"].shape == (1, 32)
+    # The embedding is the classifier's input, whatever the trained architecture.
+    dim = split_head(load_checkpoint(champion_project.checkpoint)[0])[1].in_features
+    assert window["pixels"].shape == (1, 7) and window["embeddings"].shape == (1, dim)
     assert 0 < window["confidence"][0] <= 1
 
 

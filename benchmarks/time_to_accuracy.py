@@ -45,10 +45,17 @@ from torch import nn
 
 from imageclf.config import Params, ParamsError, apply_overrides, load_overrides, load_params
 from imageclf.data.loaders import load_loader_settings
-from imageclf.data.store import Dataset, Split, load_dataset, split_train_val, stratified_fraction
+from imageclf.data.store import (
+    Dataset,
+    Split,
+    channel_statistics,
+    load_dataset,
+    split_train_val,
+    stratified_fraction,
+)
 from imageclf.data.transforms import to_model_input
 from imageclf.io import write_json
-from imageclf.models.checkpoint import ModelSpec
+from imageclf.models.checkpoint import ModelSpec, save_checkpoint
 from imageclf.paths import ProjectPaths
 from imageclf.training.engine import (
     EpochMetrics,
@@ -58,7 +65,7 @@ from imageclf.training.engine import (
     set_threads,
     train_model,
 )
-from stages.train import channel_statistics
+from imageclf.training.spec import training_spec
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -340,26 +347,23 @@ def run_baseline(dataset: Dataset, train: Split, params: Params, epochs: int) ->
 
 
 def run_project(
-    name: str, description: str, params: Params, dataset: Dataset, paths: ProjectPaths
+    name: str,
+    description: str,
+    params: Params,
+    dataset: Dataset,
+    paths: ProjectPaths,
+    save_to: Path | None = None,
 ) -> Run:
-    """Train as the train stage does (same split, statistics, seed, loader settings, val)."""
+    """Train as the train stage does (same split, statistics, seed, loader settings, val).
+
+    With ``save_to``, the weights the last epoch scored (the EMA when it validated better, as
+    the train stage keeps) are written there as a checkpoint: an hour-long run's model can
+    then be evaluated, exported or used as a distillation teacher without training it again."""
     train_idx, val_idx = split_train_val(
         dataset.train.labels, params.data.val_fraction, params.seed
     )
     train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    c, h, _ = dataset.image_shape
-    mean, std = channel_statistics(train.images)
-    spec = ModelSpec(
-        name=params.train.model,
-        width=params.train.width,
-        num_classes=dataset.num_classes,
-        in_channels=c,
-        image_size=h,
-        classes=tuple(dataset.classes),
-        mean=mean,
-        std=std,
-        pretrained="",
-    )
+    spec = training_spec(params.train, dataset.classes, dataset.image_shape, train.images)
     seed_everything(params.seed)
     model = spec.build()
     run = Run(name, description, len(train))
@@ -368,7 +372,9 @@ def run_project(
     def on_epoch_end(metrics: EpochMetrics, model_: nn.Module, _opt: Any) -> None:
         # metrics.seconds is the epoch's training loop alone: validation and this test pass
         # run after its clock stopped.
-        pending.update(metrics=metrics, raw=test_accuracy(model_, dataset.test, params))
+        pending.update(
+            metrics=metrics, raw=test_accuracy(model_, dataset.test, params), kept=model_
+        )
         if params.train.ema_decay <= 0:
             run.add(metrics.seconds, pending["raw"])
 
@@ -382,6 +388,7 @@ def run_project(
             return
         averaged = copy.deepcopy(model)
         averaged.load_state_dict(state["ema"]["module"])
+        pending["kept"] = averaged
         run.add(metrics.seconds, test_accuracy(averaged, dataset.test, params))
 
     train_model(
@@ -395,6 +402,9 @@ def run_project(
         progress=False,
         save_state=save_state if params.train.ema_decay > 0 else None,
     )
+    if save_to is not None:
+        extra = {"epoch": len(run.accuracy), "test_accuracy": run.accuracy[-1]}
+        save_checkpoint(save_to / f"{name}.pt", pending["kept"], spec, extra=extra)
     return run
 
 
@@ -485,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--root", type=Path, default=REPO, help="project folder (its dataset)")
     parser.add_argument("--out", type=Path, help="JSON report (default reports/...)")
     parser.add_argument(
+        "--save-models", type=Path, metavar="DIR",
+        help="write each project run's final weights as DIR/<run>.pt (a checkpoint)",
+    )  # fmt: skip
+    parser.add_argument(
         "--step-times", type=int, default=0, metavar="ROUNDS",
         help="instead of training: step-time ratios of fp32/bf16/NCHW/2x batch, this many rounds",
     )  # fmt: skip
@@ -493,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if not 0 < args.subset <= 1 or args.baseline_epochs < 1 or args.threads < 1:
         parser.error("--subset must be in (0, 1], --baseline-epochs and --threads at least 1.")
+    if args.save_models is not None and args.save_models.exists() and not args.save_models.is_dir():
+        raise ParamsError(f"--save-models {args.save_models} is a file: name a folder.")
     if args.quiet_reference and args.skip_default:  # before any training, not after it
         raise ParamsError("--quiet-reference scales by the default run: drop --skip-default.")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -507,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return step_times_report(args, argv, runs_to_do, dataset, paths)
     train_idx, _ = split_train_val(dataset.train.labels, base.data.val_fraction, base.seed)
     baseline = run_baseline(dataset, dataset.train.subset(train_idx), base, args.baseline_epochs)
-    runs = [baseline] + [run_project(*spec, dataset, paths) for spec in runs_to_do]
+    runs = [baseline] + [
+        run_project(*spec, dataset, paths, args.save_models) for spec in runs_to_do
+    ]
     baseline_epoch_s = statistics.median(baseline.epoch_seconds)
     default = next((r for r in runs if r.name == DEFAULT), None)
     scale = quiet_scale(args.quiet_reference, default) if args.quiet_reference else None

@@ -1,7 +1,7 @@
 """Pretrained against from scratch, in the same run, on the same photo folder: a table.
 
 Three ways to learn a folder of RGB photos on a CPU, through the project's own functions (the
-download stage's folder reader, ``build_model``, ``load_pretrained``, ``train_model``):
+download stage's folder reader, ``training_spec``, ``load_pretrained``, ``train_model``):
 
 - EfficientNet-Lite0, ImageNet weights, fine-tuned at 96 px with the photo configuration
   (``configs/photos.yaml``: AdamW + OneCycle, a head-only epoch, discriminative LRs, frozen BN);
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from imageclf.config import Params, apply_overrides, load_overrides, load_params
-from imageclf.data.store import Dataset, channel_statistics, load_dataset, split_train_val
+from imageclf.data.store import Dataset, load_dataset, split_train_val
 from imageclf.models.backbones import load_pretrained
-from imageclf.models.zoo import IMAGENET_MEAN, IMAGENET_STD, build_model
 from imageclf.paths import ProjectPaths
 from imageclf.training.engine import predict_logits, seed_everything, set_threads, train_model
+from imageclf.training.spec import training_spec
 from stages import download
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def read_folder(params: Params, workdir: Path) -> Dataset:
     return load_dataset(paths.dataset)
 
 
-def train_and_test(name: str, dataset: Dataset, params: Params, pretrained: bool) -> dict[str, Any]:
+def train_and_test(name: str, dataset: Dataset, params: Params) -> dict[str, Any]:
     """Train as the train stage would (per-channel statistics or the weights' own, the val
     split) and return the test accuracy and training seconds."""
     cfg = params.train
@@ -68,21 +68,17 @@ def train_and_test(name: str, dataset: Dataset, params: Params, pretrained: bool
         dataset.train.labels, params.data.val_fraction, params.seed
     )
     train_split, val_split = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    c, h, _ = dataset.image_shape
-    if pretrained:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
-        mean, std = channel_statistics(train_split.images)
+    spec = training_spec(cfg, dataset.classes, dataset.image_shape, train_split.images)
     seed_everything(params.seed)
-    model = build_model(cfg.model, dataset.num_classes, c, cfg.width, mean, std, image_size=h)
-    if pretrained:
+    model = spec.build()
+    if cfg.pretrained:
         load_pretrained(model, cfg.model, cfg.pretrained, REPO)
     history = train_model(model, train_split, val_split, cfg, seed=params.seed, progress=False)
     logits = predict_logits(model, dataset.test.images, batch_size=128)
     accuracy = float((logits.argmax(1).numpy() == dataset.test.labels).mean())
     return {
         "method": name,
-        "size": h,
+        "size": spec.image_size,
         "epochs": len(history.epochs),
         "train_images": len(train_split),
         "test_accuracy": accuracy,
@@ -109,7 +105,6 @@ def main() -> None:
         "finetune": (
             "EfficientNet-Lite0 fine-tuned at 96², AdamW + OneCycle (configs/photos.yaml)",
             finetune,
-            True,
         ),
         "scratch": (
             "resnet_small from scratch at 64², AdamW + OneCycle",
@@ -126,7 +121,6 @@ def main() -> None:
                     "train.epochs": args.scratch_epochs,
                 },
             ),
-            False,
         ),
         "probe": (
             "frozen-feature linear probe (Lite0 ImageNet features at 96², computed once)",
@@ -140,20 +134,19 @@ def main() -> None:
                     "train.epochs": args.probe_epochs,
                 },
             ),
-            True,
         ),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         datasets: dict[int, Dataset] = {}
         for key in args.only:
-            label, params, pretrained = runs[key]
+            label, params = runs[key]
             size = params.data.image_size
             if size not in datasets:
                 t0 = time.perf_counter()
                 datasets[size] = read_folder(params, Path(tmp))
                 print(f"read {args.folder} at {size}px in {time.perf_counter() - t0:.0f} s")
-            row = train_and_test(label, datasets[size], params, pretrained)
+            row = train_and_test(label, datasets[size], params)
             print(row, flush=True)
             rows.append(row)
     print("\n| method | train images | epochs | test accuracy | training time |")

@@ -16,10 +16,10 @@ import numpy as np
 
 from imageclf.config import Params, TrainParams
 from imageclf.data.loaders import load_loader_settings
-from imageclf.data.store import channel_statistics, load_dataset, split_train_val
+from imageclf.data.store import load_dataset, split_train_val
 from imageclf.io import write_json
 from imageclf.models.backbones import load_pretrained, pretrained_models
-from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
+from imageclf.models.checkpoint import load_pretrained_features, save_checkpoint
 from imageclf.models.zoo import count_parameters, model_contract
 from imageclf.paths import ProjectPaths
 from imageclf.stage import InvalidInput, StageError, main
@@ -34,16 +34,10 @@ from imageclf.training.engine import (
     train_model,
 )
 from imageclf.training.resume import fingerprint, resume_state
+from imageclf.training.spec import training_spec
 from imageclf.training.watch import build_observers
 
 log = logging.getLogger(__name__)
-
-
-def pretrained_kind(cfg: TrainParams) -> str:
-    """What the weights start from, as ModelSpec records it (never a path)."""
-    if cfg.pretrained:
-        return "imagenet" if cfg.pretrained == "imagenet" else "file"
-    return "checkpoint" if cfg.init_from else ""
 
 
 def check_transfer_params(cfg: TrainParams) -> None:
@@ -103,25 +97,10 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         dataset.train.labels, params.data.val_fraction, params.seed
     )
     train_split, val_split = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    c, h, _ = dataset.image_shape
+    _, h, _ = dataset.image_shape
     check_transfer_params(cfg)
     contract = model_contract(cfg.model)
-    if cfg.pretrained:  # the statistics the weights were trained with, not this dataset's
-        assert contract.mean is not None and contract.std is not None
-        mean, std = contract.mean, contract.std
-    else:
-        mean, std = channel_statistics(train_split.images)
-    spec = ModelSpec(
-        name=cfg.model,
-        width=cfg.width,
-        num_classes=dataset.num_classes,
-        in_channels=c,
-        image_size=h,
-        classes=tuple(dataset.classes),
-        mean=mean,
-        std=std,
-        pretrained=pretrained_kind(cfg),
-    )
+    spec = training_spec(cfg, dataset.classes, dataset.image_shape, train_split.images)
     seed_everything(params.seed)  # the initial weights too, not only the data order
     try:
         model = spec.build()

@@ -22,8 +22,10 @@ from benchmarks.time_to_accuracy import (
     summarize,
     time_to,
 )
+from benchmarks.time_to_accuracy import test_accuracy as scored_accuracy  # not a test
 from imageclf.config import ParamsError, load_params
-from imageclf.data.store import write_dataset
+from imageclf.data.store import load_dataset, write_dataset
+from imageclf.models.checkpoint import load_checkpoint
 from imageclf.paths import ProjectPaths
 from tests.conftest import REPO, synthetic_split, tiny_params
 
@@ -102,6 +104,7 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Project
             "--baseline-epochs", "2",
             "--threads", "1",
             "--quiet-reference", str(root / "quiet.json"),
+            "--save-models", str(root / "saved"),
         ]
     )  # fmt: skip
     torch.set_num_threads(threads)  # --threads is process-wide: leave later tests theirs
@@ -137,6 +140,20 @@ def test_the_project_runs_learn(tiny_report):
     assert default["final_accuracy"] >= 0.9
 
 
+def test_saved_models_are_the_weights_the_last_epoch_scored(tiny_report):
+    """--save-models keeps each run's final weights (the EMA where it validated better): loaded
+    back, a checkpoint scores on the test split exactly what the report says."""
+    report, paths = tiny_report
+    params = load_params(paths.params)
+    test = load_dataset(paths.dataset).test
+    for row in report["runs"][1:]:
+        model, spec, extra = load_checkpoint(paths.root / "saved" / f"{row['name']}.pt")
+        assert extra["epoch"] == row["epochs"] and spec.classes == ("a", "b", "c", "d")
+        assert scored_accuracy(model.eval(), test, params) == row["final_accuracy"]
+        assert extra["test_accuracy"] == row["final_accuracy"]
+    assert not (paths.root / "saved" / "baseline.pt").exists()  # the yardstick is not kept
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -149,6 +166,7 @@ def test_the_project_runs_learn(tiny_report):
             ["--skip-default", "--config", "configs/long.yaml", "--quiet-reference", "x.json"],
             "drop --skip-default",
         ),
+        (["--save-models", str(REPO / "params.yaml")], "is a file: name a folder"),
     ],
 )
 def test_bad_arguments_say_what_to_fix(argv, message, tmp_path):

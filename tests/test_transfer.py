@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from imageclf.data.store import channel_statistics
 from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
-from imageclf.models.zoo import build_model, split_head
+from imageclf.models.zoo import build_model, model_contract, split_head
 from imageclf.stage import StageError
 from imageclf.training.engine import train_model
+from imageclf.training.spec import training_spec
 from stages import train
 from tests.conftest import synthetic_split, tiny_params
 
@@ -272,3 +274,23 @@ def test_from_scratch_models_normalise_with_per_channel_dataset_statistics(rgb_p
     assert spec.mean == pytest.approx(tuple(pixels.mean(0)), abs=1e-6)
     assert spec.std == pytest.approx(tuple(pixels.std(0)), abs=1e-6)
     assert len(set(spec.mean)) == 3
+
+
+def test_training_spec_normalises_by_the_data_or_by_the_pretrained_weights():
+    """One spec for every trainer: from scratch the model divides by the training split's own
+    per-channel statistics; pretrained, by the ones its weights were trained with."""
+    split = synthetic_split(5, channels=3)
+    classes = list("abcd")
+    scratch = tiny_params(train={"model": SOURCE_MODEL}).train
+    spec = training_spec(scratch, classes, (3, 12, 12), split.images)
+    mean, std = channel_statistics(split.images)
+    assert spec.mean == pytest.approx(tuple(mean)) and spec.std == pytest.approx(tuple(std))
+    assert (spec.name, spec.width, spec.num_classes, spec.image_size) == (SOURCE_MODEL, 8, 4, 12)
+    assert spec.classes == tuple(classes) and spec.pretrained == ""
+
+    lite = tiny_params(train={"model": "efficientnet_lite0", "pretrained": "imagenet"}).train
+    spec = training_spec(lite, classes, (3, 12, 12), split.images)
+    contract = model_contract("efficientnet_lite0")
+    assert (spec.mean, spec.std, spec.pretrained) == (contract.mean, contract.std, "imagenet")
+    warm = tiny_params(train={"model": SOURCE_MODEL, "init_from": "models/old.pt"}).train
+    assert training_spec(warm, classes, (3, 12, 12), split.images).pretrained == "checkpoint"

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 
 from imageclf.config import Params, TrainParams
 from imageclf.data.loaders import LoaderSettings, class_weights, load_loader_settings, make_loader
-from imageclf.data.store import Dataset, Split, channel_statistics, load_dataset, split_train_val
-from imageclf.models.checkpoint import ModelSpec, save_checkpoint
+from imageclf.data.store import Dataset, Split, load_dataset, split_train_val
+from imageclf.models.checkpoint import save_checkpoint
 from imageclf.models.zoo import split_head
 from imageclf.paths import ProjectPaths
 from imageclf.stage import StageError, main
@@ -47,6 +47,7 @@ from imageclf.training.engine import (
     select_device,
 )
 from imageclf.training.mixing import BatchMixer, hard_labels
+from imageclf.training.spec import training_spec
 
 log = logging.getLogger(__name__)
 # train.precision as the autocast dtype the engine picks -> Lightning's name for it.
@@ -253,11 +254,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     data = ImageDataModule(dataset, params, load_loader_settings(paths.loader_config))
     data.setup("fit")
     assert data.train_split is not None
-    mean, std = channel_statistics(data.train_split.images)
-    c, h, _ = dataset.image_shape
-    spec = ModelSpec(
-        cfg.model, cfg.width, dataset.num_classes, c, h, tuple(dataset.classes), mean, std
-    )
+    spec = training_spec(cfg, dataset.classes, dataset.image_shape, data.train_split.images)
     seed_everything(params.seed)  # the initial weights, as the train stage draws them
     model = spec.build()
     with tempfile.TemporaryDirectory() as scratch:  # Lightning's default_root_dir: nothing kept

@@ -324,7 +324,9 @@ def subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     )
 
 
-def test_accuracy(model: nn.Module, test: Split, params: Params, tta: bool | None = None) -> float:
+def scored_accuracy(
+    model: nn.Module, test: Split, params: Params, tta: bool | None = None
+) -> float:
     """Accuracy on ``test`` as the evaluate stage measures it (flip TTA when it would)."""
     tta = params.tta_flip if tta is None else tta
     logits = predict_logits(model, test.images, params.evaluate.batch_size, tta_flip=tta)
@@ -340,7 +342,7 @@ def run_baseline(dataset: Dataset, train: Split, params: Params, epochs: int) ->
     )
 
     def after_epoch(_epoch: int, seconds: float, model: nn.Module) -> None:
-        run.add(seconds, test_accuracy(model, dataset.test, params, tta=False))
+        run.add(seconds, scored_accuracy(model, dataset.test, params, tta=False))
 
     train_baseline(train, recipe, params.seed, after_epoch)
     return run
@@ -373,7 +375,7 @@ def run_project(
         # metrics.seconds is the epoch's training loop alone: validation and this test pass
         # run after its clock stopped.
         pending.update(
-            metrics=metrics, raw=test_accuracy(model_, dataset.test, params), kept=model_
+            metrics=metrics, raw=scored_accuracy(model_, dataset.test, params), kept=model_
         )
         if params.train.ema_decay <= 0:
             run.add(metrics.seconds, pending["raw"])
@@ -389,7 +391,7 @@ def run_project(
         averaged = copy.deepcopy(model)
         averaged.load_state_dict(state["ema"]["module"])
         pending["kept"] = averaged
-        run.add(metrics.seconds, test_accuracy(averaged, dataset.test, params))
+        run.add(metrics.seconds, scored_accuracy(averaged, dataset.test, params))
 
     train_model(
         model,

@@ -18,11 +18,11 @@ from benchmarks.time_to_accuracy import (
     Run,
     accuracy_at,
     main,
+    scored_accuracy,
     step_time_ratios,
     summarize,
     time_to,
 )
-from benchmarks.time_to_accuracy import test_accuracy as scored_accuracy  # not a test
 from imageclf.config import ParamsError, load_params
 from imageclf.data.store import load_dataset, write_dataset
 from imageclf.models.checkpoint import load_checkpoint

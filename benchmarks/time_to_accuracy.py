@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,14 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from imageclf.config import Params, ParamsError, apply_overrides, load_overrides, load_params
+from imageclf.config import (
+    Params,
+    ParamsError,
+    apply_overrides,
+    ensemble_members,
+    load_overrides,
+    load_params,
+)
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import (
     Dataset,
@@ -56,6 +63,7 @@ from imageclf.data.store import (
 from imageclf.data.transforms import to_model_input
 from imageclf.io import write_json
 from imageclf.models.checkpoint import ModelSpec, save_checkpoint
+from imageclf.models.ensemble import ensemble
 from imageclf.paths import ProjectPaths
 from imageclf.training.engine import (
     EpochMetrics,
@@ -160,6 +168,9 @@ class Run:
     train_images: int
     seconds: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    # An ensemble's members: index, seed, the run's epoch count when each finished, and each
+    # member's own test accuracy.
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, epoch_seconds: float, accuracy: float) -> None:
         self.seconds.append((self.seconds[-1] if self.seconds else 0.0) + epoch_seconds)
@@ -217,6 +228,7 @@ def summarize(
         "train_baseline_epochs": units[-1],
         "images_per_second": run.images_per_second,
         "speed_vs_baseline": run.images_per_second / baseline_ips,
+        **({"members": run.members} if run.members else {}),
         "history": [
             {"epoch": i + 1, "train_seconds": s, "baseline_epochs": u, "test_accuracy": a}
             for i, (s, u, a) in enumerate(zip(run.seconds, units, run.accuracy, strict=True))
@@ -348,6 +360,40 @@ def run_baseline(dataset: Dataset, train: Split, params: Params, epochs: int) ->
     return run
 
 
+class EnsembleScore:
+    """Test accuracy of an ensemble as it grows, member by member, without rescoring the
+    finished members: their log-probabilities per test view (the image, and its mirror with
+    flip TTA) are summed once, and each new model is scored together with them, exactly as
+    the ensemble model (``imageclf.models.ensemble``) under ``FlipTTA`` scores."""
+
+    def __init__(self, test: Split, params: Params) -> None:
+        self.labels = torch.from_numpy(test.labels)
+        mirror = [np.ascontiguousarray(test.images[:, :, ::-1])] if params.tta_flip else []
+        self.views = [test.images, *mirror]
+        self.batch_size = params.evaluate.batch_size
+        self.sums: list[torch.Tensor] = [torch.zeros(0) for _ in self.views]
+        self.members = 0
+
+    def log_probs(self, model: nn.Module) -> list[torch.Tensor]:
+        return [predict_logits(model, v, self.batch_size).log_softmax(1) for v in self.views]
+
+    def accuracy(self, model: nn.Module | None = None) -> float:
+        """The finished members' ensemble with ``model`` as one more member (None: without)."""
+        views, count = self.sums, self.members
+        if model is not None:
+            extra = self.log_probs(model)
+            views = [e + s if count else e for s, e in zip(views, extra, strict=True)]
+            count += 1
+        scores = sum((v / count).log_softmax(1) for v in views) / len(views)
+        return float((scores.argmax(1) == self.labels).float().mean())
+
+    def add(self, model: nn.Module) -> None:
+        """``model`` is a finished member."""
+        extra = self.log_probs(model)
+        self.sums = [e + s if self.members else e for s, e in zip(self.sums, extra, strict=True)]
+        self.members += 1
+
+
 def run_project(
     name: str,
     description: str,
@@ -358,9 +404,52 @@ def run_project(
 ) -> Run:
     """Train as the train stage does (same split, statistics, seed, loader settings, val).
 
+    An ensemble (``train.ensemble``) is one run whose epochs are its members' epochs one after
+    another, on one clock; after each, the test accuracy is that of the finished members with
+    the current member's weights as they stand (what stopping there would keep).
+
     With ``save_to``, the weights the last epoch scored (the EMA when it validated better, as
-    the train stage keeps) are written there as a checkpoint: an hour-long run's model can
-    then be evaluated, exported or used as a distillation teacher without training it again."""
+    the train stage keeps; for an ensemble, the ensemble of them) are written there as a
+    checkpoint: an hour-long run's model can then be evaluated, exported or used as a
+    distillation teacher without training it again."""
+    members = ensemble_members(params)
+    if len(members) == 1:
+        run, kept, spec = train_project_model(name, description, params, dataset, paths, None)
+    else:
+        score = EnsembleScore(dataset.test, params)
+        kept_models, run = [], None
+        for index, member in enumerate(members):
+            run, kept, spec = train_project_model(
+                name, f"{description} (ensemble of {len(members)})", member, dataset, paths,
+                score.accuracy, run,
+            )  # fmt: skip
+            score.add(kept)
+            kept_models.append(kept)
+            run.members.append(
+                {"member": index, "seed": member.seed, "epochs": len(run.seconds),
+                 "accuracy": scored_accuracy(kept, dataset.test, params)}
+            )  # fmt: skip
+        kept = ensemble(kept_models)
+        spec = replace(spec, members=len(members))
+    if save_to is not None:
+        extra = {"epoch": len(run.accuracy), "test_accuracy": run.accuracy[-1]}
+        save_checkpoint(save_to / f"{name}.pt", kept, spec, extra=extra)
+    return run
+
+
+def train_project_model(
+    name: str,
+    description: str,
+    params: Params,
+    dataset: Dataset,
+    paths: ProjectPaths,
+    score: Callable[[nn.Module], float] | None,
+    run: Run | None = None,
+) -> tuple[Run, nn.Module, ModelSpec]:
+    """One training run of :func:`run_project`, its epochs appended to ``run`` (a new one when
+    None) and scored by ``score`` (default: the evaluate stage's accuracy); returns the run, the
+    weights the train stage would keep and their spec."""
+    score = score or (lambda model: scored_accuracy(model, dataset.test, params))
     train_idx, val_idx = split_train_val(
         dataset.train.labels, params.data.val_fraction, params.seed
     )
@@ -368,15 +457,13 @@ def run_project(
     spec = training_spec(params.train, dataset.classes, dataset.image_shape, train.images)
     seed_everything(params.seed)
     model = spec.build()
-    run = Run(name, description, len(train))
+    run = run or Run(name, description, len(train))
     pending: dict[str, Any] = {}
 
     def on_epoch_end(metrics: EpochMetrics, model_: nn.Module, _opt: Any) -> None:
         # metrics.seconds is the epoch's training loop alone: validation and this test pass
         # run after its clock stopped.
-        pending.update(
-            metrics=metrics, raw=scored_accuracy(model_, dataset.test, params), kept=model_
-        )
+        pending.update(metrics=metrics, raw=score(model_), kept=model_)
         if params.train.ema_decay <= 0:
             run.add(metrics.seconds, pending["raw"])
 
@@ -386,12 +473,13 @@ def run_project(
         metrics = pending["metrics"]
         better = (metrics.ema_val_accuracy or 0.0) > (metrics.val_accuracy or 0.0)
         if state.get("ema") is None or not better:
+            pending["kept"] = model
             run.add(metrics.seconds, pending["raw"])
             return
         averaged = copy.deepcopy(model)
         averaged.load_state_dict(state["ema"]["module"])
         pending["kept"] = averaged
-        run.add(metrics.seconds, scored_accuracy(averaged, dataset.test, params))
+        run.add(metrics.seconds, score(averaged))
 
     train_model(
         model,
@@ -404,10 +492,7 @@ def run_project(
         progress=False,
         save_state=save_state if params.train.ema_decay > 0 else None,
     )
-    if save_to is not None:
-        extra = {"epoch": len(run.accuracy), "test_accuracy": run.accuracy[-1]}
-        save_checkpoint(save_to / f"{name}.pt", pending["kept"], spec, extra=extra)
-    return run
+    return run, pending["kept"], spec
 
 
 # --- step times -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ this file cannot drift from it. Optional values (``None``) are spelled ``null`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -175,6 +175,9 @@ class TrainParams(_Section):
     tensorboard: bool
     # Per-layer gradient norms, activation statistics and histograms every this many steps.
     log_every_steps: int = Field(ge=1)
+    # Ensemble members: one mapping of overrides (seed, train.*) per member; []: one model.
+    # Checked against the rest of the parameters by Params (see ensemble_members).
+    ensemble: list[dict[str, Any]]
 
     @field_validator("augment")
     @classmethod
@@ -379,6 +382,55 @@ class Params(_Section):
         when training saw mirrored images (a mirrored digit is another digit)."""
         return self.evaluate.tta_flip and self.train.flips
 
+    @model_validator(mode="after")
+    def _members_are_valid_runs(self) -> Params:
+        ensemble_members(self)  # raises ValueError (a ValidationError here) naming the member
+        return self
+
+
+# Keys an ensemble member may not override: the members must share one architecture (so the
+# ensemble is one model with one input contract), and run-level settings belong to the run.
+MEMBER_FIXED_KEYS = frozenset(
+    {
+        "train.model",
+        "train.width",
+        "train.ensemble",
+        "train.threads",
+        "train.resume",
+        "train.mlflow_experiment",
+        "train.tensorboard",
+    }
+)
+
+
+def ensemble_members(params: Params) -> list[Params]:
+    """The parameters of each training run ``params`` asks for: itself alone, or one run per
+    ``train.ensemble`` entry, each exactly the run those overrides would make on their own
+    (``seed: 43`` draws other initial weights, data order, augmentation and validation split)."""
+    members = params.train.ensemble
+    if not members:
+        return [params]
+    if len(members) == 1:
+        raise ValueError(
+            "train.ensemble has one member: that is a single model; put its overrides in the "
+            "parameters themselves, or list two or more members."
+        )
+    base = params.model_copy(update={"train": params.train.model_copy(update={"ensemble": []})})
+    runs = []
+    for i, overrides in enumerate(members):
+        bad = sorted(k for k in overrides if k in MEMBER_FIXED_KEYS)
+        bad += sorted(k for k in overrides if k != "seed" and not k.startswith("train."))
+        if bad:
+            raise ValueError(
+                f"train.ensemble member {i} overrides {bad}: a member may set seed and train.* "
+                f"except {sorted(MEMBER_FIXED_KEYS)} (members share one architecture and run)."
+            )
+        try:
+            runs.append(apply_overrides(base, overrides))
+        except ParamsError as exc:
+            raise ValueError(f"train.ensemble member {i}: {exc}") from exc
+    return runs
+
 
 class ParamsError(ValueError):
     """params.yaml is missing or holds a value the project cannot use."""
@@ -400,11 +452,8 @@ def load_params(path: Path | str | None = None) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
         raise ParamsError(
-            f"{path} has invalid parameters: {problems}. Fix them and rerun."
+            f"{path} has invalid parameters: {_problems(exc)}. Fix them and rerun."
         ) from exc
 
 
@@ -423,10 +472,15 @@ def load_overrides(path: Path | str) -> dict[str, object]:
         raise ParamsError(f"No configuration file at {path}.") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and "." in k for k in raw):
+    # Dotted keys, or a top-level value such as seed; never a nested section (`train:` with
+    # keys under it), which would replace the whole section.
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and ("." in k or not isinstance(v, dict)) for k, v in raw.items()
+    ):
         raise ParamsError(
             f"{path} must be a mapping of dotted parameter keys to values "
-            "(e.g. `train.epochs: 8`), as `dvc exp run -S` takes them."
+            "(e.g. `train.epochs: 8`, or `seed: 43` at the top level), as `dvc exp run -S` "
+            "takes them."
         )
     try:
         apply_overrides(load_params(), raw)
@@ -456,7 +510,15 @@ def apply_overrides(params: Params, overrides: dict[str, object]) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ParamsError(f"Invalid parameter override: {problems}.") from exc
+        raise ParamsError(f"Invalid parameter override: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: "train.epochs: Input should be ...; ..." (a check of
+    the whole Params, such as the ensemble's, has no field to name)."""
+    found = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        found.append(f"{where}: {message}" if where else message)
+    return "; ".join(found)

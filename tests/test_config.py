@@ -111,6 +111,9 @@ def test_a_configuration_file_is_validated_before_any_run(tmp_path):
     bad.write_text("train.epochz: 3\n")
     with pytest.raises(ParamsError, match=r"bad.yaml: Unknown parameter 'train.epochz'"):
         load_overrides(bad)
+    seeded = tmp_path / "seeded.yaml"  # a top-level parameter needs no dot
+    seeded.write_text("seed: 43\ntrain.epochs: 3\n")
+    assert load_overrides(seeded) == {"seed": 43, "train.epochs": 3}
     bad.write_text("train:\n  epochs: 3\n")
     with pytest.raises(ParamsError, match="dotted parameter keys"):
         load_overrides(bad)

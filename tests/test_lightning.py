@@ -15,7 +15,7 @@ from imageclf.data.store import Dataset, Split
 from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from imageclf.stage import StageError
 from imageclf.training.engine import predict_logits, seed_everything, train_model
-from imageclf.training.lightning_adapter import ImageDataModule, fit
+from imageclf.training.lightning_adapter import ImageDataModule, check_supported, fit
 from tests.conftest import FASHION_MNIST_DIR, tiny_params
 
 TRAIN_IMAGES, TEST_IMAGES = 3000, 1000
@@ -106,3 +106,6 @@ def test_settings_it_does_not_implement_are_refused(fashion_subset, tmp_path):
     _, model = fresh_model(params, fashion_subset)
     with pytest.raises(StageError, match="ema_decay"):
         fit(model, ImageDataModule(fashion_subset, params), root=tmp_path)
+    pair = params.train.model_copy(update={"ema_decay": 0.0, "ensemble": [{}, {"seed": 43}]})
+    with pytest.raises(StageError, match=r"train\.ensemble"):
+        check_supported(pair)

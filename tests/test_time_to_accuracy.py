@@ -93,12 +93,16 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Project
     (root / "short.yaml").write_text(
         "train.epochs: 2\ntrain.model: simple_cnn\ntrain.ema_decay: 0.5\n"  # EMA path too
     )
+    (root / "pair.yaml").write_text(  # an ensemble: a second seed, and an EMA member
+        "train.epochs: 2\ntrain.ensemble: [{}, {seed: 43, train.ema_decay: 0.5}]\n"
+    )
     (root / "quiet.json").write_text(json.dumps({"images_per_second": 1.0e6}))
     threads = torch.get_num_threads()
     report = main(
         [
             "--root", str(root),
             "--config", str(root / "short.yaml"),
+            "--config", str(root / "pair.yaml"),
             "--set", "train.width=8",
             "--set", "train.batch_size=16",
             "--baseline-epochs", "2",
@@ -114,12 +118,17 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Project
 def test_one_invocation_times_the_baseline_and_each_configuration(tiny_report):
     report, paths = tiny_report
     runs = {row["name"]: row for row in report["runs"]}
-    assert list(runs) == ["baseline", "default", "short"]
+    assert list(runs) == ["baseline", "default", "short", "pair"]
     assert runs["baseline"]["epochs"] == 2
     assert runs["baseline"]["speed_vs_baseline"] == 1.0
     assert runs["default"]["epochs"] == load_params(paths.params).train.epochs
     assert runs["short"]["epochs"] == 2  # the config file applied...
     assert "train.width=8" in runs["short"]["description"]  # ... and --set over it
+    # An ensemble is one run: its members' epochs on one clock, each member's own accuracy.
+    assert runs["pair"]["epochs"] == 4 and "ensemble of 2" in runs["pair"]["description"]
+    members = runs["pair"]["members"]
+    assert [(m["seed"], m["epochs"]) for m in members] == [(42, 2), (43, 4)]
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in members)
     for row in runs.values():
         clock = [h["train_seconds"] for h in row["history"]]
         assert all(b > a for a, b in itertools.pairwise(clock))
@@ -149,6 +158,8 @@ def test_saved_models_are_the_weights_the_last_epoch_scored(tiny_report):
     for row in report["runs"][1:]:
         model, spec, extra = load_checkpoint(paths.root / "saved" / f"{row['name']}.pt")
         assert extra["epoch"] == row["epochs"] and spec.classes == ("a", "b", "c", "d")
+        # The ensemble's saved model averages its members, and scores what its run reported.
+        assert spec.members == (2 if row["name"] == "pair" else 1)
         assert scored_accuracy(model.eval(), test, params) == row["final_accuracy"]
         assert extra["test_accuracy"] == row["final_accuracy"]
     assert not (paths.root / "saved" / "baseline.pt").exists()  # the yardstick is not kept

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from imageclf.io import archive_bytes, write_bytes
+from imageclf.models.ensemble import ensemble
 from imageclf.models.zoo import (
     build_model,
     check_channels,
@@ -46,15 +47,29 @@ class ModelSpec:
     # (a local weights file) or "checkpoint" (train.init_from). Never a path: the checkpoint's
     # bytes must not depend on the machine.
     pretrained: str = ""
+    # An ensemble of this many models of this architecture (imageclf.models.ensemble), trained
+    # from other seeds (train.ensemble); 1: one model. The mean and std above are the first
+    # member's: each member's own normalisation is in the weights (Normalize's buffers).
+    members: int = 1
 
     def __post_init__(self) -> None:
+        if self.members < 1:
+            raise InvalidInput(f"a model has at least one member, not {self.members}")
         check_channels(self.name, self.in_channels)
         object.__setattr__(self, "mean", per_channel(self.mean, self.in_channels, "mean"))
         object.__setattr__(self, "std", per_channel(self.std, self.in_channels, "std"))
         object.__setattr__(self, "classes", tuple(self.classes))
 
     def build(self) -> nn.Module:
-        model = build_model(
+        if self.members > 1:
+            model = ensemble([self.build_member() for _ in range(self.members)])
+        else:
+            model = self.build_member()
+        return fold_batchnorm(model) if self.bn_folded else model
+
+    def build_member(self) -> nn.Module:
+        """One model of this architecture, unfolded (an ensemble's member before training)."""
+        return build_model(
             self.name,
             self.num_classes,
             self.in_channels,
@@ -63,7 +78,6 @@ class ModelSpec:
             self.std,
             image_size=self.image_size,
         )
-        return fold_batchnorm(model) if self.bn_folded else model
 
     def input_contract(self) -> dict[str, Any]:
         """The preprocessing this model expects, for export metadata and serving: the size and
@@ -88,9 +102,12 @@ def save_checkpoint(
 
     ``extra`` is part of the file (and of its DVC hash): keep it to facts about the model (the
     epoch), never run ids, timings or paths, which belong in reports and MLflow."""
+    # A single model's spec is written without "members" (1 is the default): checkpoints of
+    # one model keep the bytes, and the DVC hash, they had before ensembles existed.
+    fields = {k: v for k, v in asdict(spec).items() if not (k == "members" and v == 1)}
     state = {
         "spec": {
-            **asdict(spec),
+            **fields,
             "classes": list(spec.classes),
             "mean": list(spec.mean),
             "std": list(spec.std),

@@ -61,6 +61,8 @@ def check_supported(cfg: TrainParams) -> None:
         unsupported.append("train.ema_decay > 0 (EMA)")
     if cfg.pretrained or cfg.init_from or cfg.freeze_epochs or cfg.transfer == "features":
         unsupported.append("transfer learning (train.pretrained, init_from, freeze_epochs)")
+    if cfg.ensemble:
+        unsupported.append("train.ensemble (one model per member)")
     if unsupported:
         raise StageError(
             f"The Lightning trainer does not implement {'; '.join(unsupported)}: use the train "

@@ -119,3 +119,13 @@ def test_a_configuration_file_is_validated_before_any_run(tmp_path):
         load_overrides(bad)
     with pytest.raises(ParamsError, match="No configuration file"):
         load_overrides(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_configuration_applies_over_params_yaml(path, default_params):
+    """configs/*.yaml are what the README tells people to run: each one applies cleanly (an
+    ensemble's members included) before anyone spends an hour on it."""
+    from imageclf.config import ensemble_members, load_overrides
+
+    params = apply_overrides(default_params, load_overrides(path))
+    assert ensemble_members(params)

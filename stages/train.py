@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from imageclf.config import Params, TrainParams, ensemble_members
@@ -37,7 +36,7 @@ from imageclf.training.engine import (
     set_threads,
     train_model,
 )
-from imageclf.training.resume import fingerprint, resume_state
+from imageclf.training.resume import fingerprint, finished_member, member_file, resume_state
 from imageclf.training.spec import training_spec
 from imageclf.training.watch import build_observers
 
@@ -154,28 +153,6 @@ def _prepare(index: int, params: Params, paths: ProjectPaths, dataset: Dataset) 
     # A model that disagrees with the data's shape fails here, naming the layer and the setting.
     check_model_accepts(model, dataset.image_shape)
     return Member(index, params, spec, model, train_split, val_split)
-
-
-def member_file(paths: ProjectPaths, index: int) -> Path:
-    """Where a finished ensemble member waits for the others (a killed ensemble run does not
-    train it again); removed once models/model.pt holds the ensemble."""
-    return paths.last_checkpoint.parent / f"member-{index}.pt"
-
-
-def finished_member(path: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved state of a member trained by a killed ensemble run with these parameters."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
-        log.warning("%s is unreadable (%s): training that member again", path, exc)
-        return None
-    saved = state.get("extra", {})
-    if saved.get("fingerprint") != wanted:
-        log.info("%s was trained with other parameters: training that member again", path)
-        return None
-    return {"state_dict": state["state_dict"], **saved}
 
 
 def _train_one(
@@ -334,7 +311,9 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     if not distributed.is_main():  # a DDP worker: train its shards, leave the records to rank 0
         for index, run_params in enumerate(runs):
             member = _prepare(index, run_params, paths, dataset)
-            if ensembled and finished_member(member_file(paths, index), wanted(member)):
+            if ensembled and finished_member(
+                member_file(paths.last_checkpoint, index), wanted(member), cfg.resume
+            ):
                 continue
             resume = resume_state(paths.last_checkpoint, wanted(member), cfg.resume)
             train_model(
@@ -380,7 +359,13 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         for index, run_params in enumerate(runs):
             member = _prepare(index, run_params, paths, dataset)
             specs.append(member.spec)
-            done = finished_member(member_file(paths, index), wanted(member)) if ensembled else None
+            done = (
+                finished_member(
+                    member_file(paths.last_checkpoint, index), wanted(member), cfg.resume
+                )
+                if ensembled
+                else None
+            )
             if done is not None:  # trained before this run was killed: reuse it
                 log.info("ensemble member %d: trained by the killed run, reused", index)
                 member.model.load_state_dict(done["state_dict"])
@@ -401,7 +386,7 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             members.append(outcome)
             if ensembled:  # a killed run continues after the members it finished
                 save_checkpoint(
-                    member_file(paths, index),
+                    member_file(paths.last_checkpoint, index),
                     kept,
                     member.spec,
                     extra={"fingerprint": wanted(member), "history": rows, "outcome": outcome},
@@ -412,7 +397,7 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         final_model = ensemble(kept_models) if ensembled else kept_models[0]
         save_checkpoint(paths.checkpoint, final_model, spec, extra={"epoch": members[-1]["epochs"]})
         for index in range(len(runs)):
-            member_file(paths, index).unlink(missing_ok=True)
+            member_file(paths.last_checkpoint, index).unlink(missing_ok=True)
         result = _result(cfg, final_model, members, active.info.run_id)
         mlflow.log_metrics(
             {"train_seconds": result["train_seconds"], "parameters": result["parameters"]}

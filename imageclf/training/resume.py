@@ -131,10 +131,8 @@ def resume_state(path: Path, wanted: dict[str, Any], mode: str) -> dict[str, Any
     if not path.is_file():
         log.info("train.resume: auto: no %s yet, training from scratch", path)
         return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
-        log.warning("train.resume: %s is unreadable (%s): training from scratch", path, exc)
+    checkpoint = _read(path, "training from scratch")
+    if checkpoint is None:
         return None
     state = checkpoint.get("extra", {}).get("resume")
     if state is None:
@@ -167,3 +165,34 @@ def resume_state(path: Path, wanted: dict[str, Any], mode: str) -> dict[str, Any
         state["step"],
     )
     return {**state, "model": checkpoint["state_dict"]}
+
+
+def _read(path: Path, otherwise: str) -> dict[str, Any] | None:
+    """A checkpoint's contents, or None (logged, with what happens ``otherwise``) when a crash
+    or a stray file left something torch cannot read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
+        log.warning("train.resume: %s is unreadable (%s): %s", path, exc, otherwise)
+        return None
+
+
+def member_file(last_checkpoint: Path, index: int) -> Path:
+    """Where a finished ensemble member waits for the others, beside last.pt (a killed ensemble
+    run does not train it again); removed once models/model.pt holds the ensemble."""
+    return last_checkpoint.parent / f"member-{index}.pt"
+
+
+def finished_member(path: Path, wanted: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    """The saved weights and outcome of a member that a killed ensemble run with the same
+    parameters (``wanted``: the member's fingerprint) finished, or None to train it."""
+    if mode == "never" or not path.is_file():
+        return None
+    saved = _read(path, "training that member again")
+    if saved is None:
+        return None
+    extra = saved.get("extra", {})
+    if extra.get("fingerprint") != wanted:
+        log.info("train.resume: %s was trained with other parameters: training it again", path)
+        return None
+    return {"state_dict": saved["state_dict"], **extra}

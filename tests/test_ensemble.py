@@ -196,3 +196,37 @@ def test_a_killed_ensemble_run_reuses_the_members_it_finished(project, monkeypat
     assert all(torch.equal(again[k], uninterrupted[k]) for k in uninterrupted)
     history = read_json(project.train_history)
     assert [row["member"] for row in history] == [0, 1]
+
+
+def test_checkpoints_trained_apart_combine_into_one_ensemble(project, tmp_path, capsys):
+    """tools.ensemble: members trained elsewhere (--save-models, other processes) make the same
+    kind of checkpoint the stage saves; what cannot be one model is refused, saying why."""
+    from imageclf.stage import InvalidInput
+    from tools.ensemble import combine, main
+
+    members = [trained_like(seed) for seed in (1, 2)]
+    files = []
+    for i, member in enumerate(members):
+        files.append(save_checkpoint(tmp_path / f"m{i}.pt", member, SPEC))
+    out = tmp_path / "ens.pt"
+    assert main([str(out), *map(str, files), "--score", "--root", str(project.root)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("2 x resnet_pos width 8") and printed[-1].startswith("ensemble: ")
+    loaded, spec, _ = load_checkpoint(out)
+    x = torch.rand(4, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ensemble(members).eval()(x))
+    assert spec.members == 2
+
+    wider = ModelSpec(**{**SPEC.__dict__, "width": 16})
+    save_checkpoint(tmp_path / "wide.pt", wider.build(), wider)
+    with pytest.raises(InvalidInput, match="width 16 vs 8"):
+        combine([files[0], tmp_path / "wide.pt"])
+    with pytest.raises(InvalidInput, match="is an ensemble"):
+        combine([files[0], out])
+    with pytest.raises(InvalidInput, match="two or more"):
+        combine([files[0]])
+    assert main([str(tmp_path / "x.pt"), str(files[0]), str(tmp_path / "missing.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the output would overwrite a member
+        main([str(files[0]), str(files[0]), str(files[1])])

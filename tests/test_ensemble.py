@@ -13,9 +13,15 @@ import torch
 from imageclf.config import ParamsError, apply_overrides, ensemble_members
 from imageclf.data.transforms import to_model_input
 from imageclf.io import read_json
-from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from imageclf.models.checkpoint import (
+    ModelSpec,
+    load_checkpoint,
+    load_pretrained_features,
+    save_checkpoint,
+)
 from imageclf.models.ensemble import ensemble, members_of
 from imageclf.models.zoo import ServingGraph, fold_batchnorm, split_head
+from imageclf.stage import InvalidInput
 from stages import evaluate, export, train
 from tests.conftest import tiny_params
 
@@ -83,6 +89,9 @@ def test_an_ensemble_checkpoint_round_trips_and_a_single_model_keeps_its_bytes(t
     assert load_checkpoint(tmp_path / "one.pt")[1].members == 1
     with pytest.raises(Exception, match="at least one member"):
         ModelSpec(**{**SPEC.__dict__, "members": 0})
+    # Transfer learning (train.init_from) starts from one model, not from an ensemble.
+    with pytest.raises(InvalidInput, match="is an ensemble of 2 models"):
+        load_pretrained_features(SPEC.build(), tmp_path / "ens.pt")
 
 
 @pytest.mark.parametrize(
@@ -201,7 +210,6 @@ def test_a_killed_ensemble_run_reuses_the_members_it_finished(project, monkeypat
 def test_checkpoints_trained_apart_combine_into_one_ensemble(project, tmp_path, capsys):
     """tools.ensemble: members trained elsewhere (--save-models, other processes) make the same
     kind of checkpoint the stage saves; what cannot be one model is refused, saying why."""
-    from imageclf.stage import InvalidInput
     from tools.ensemble import combine, main
 
     members = [trained_like(seed) for seed in (1, 2)]

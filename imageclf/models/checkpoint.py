@@ -161,6 +161,11 @@ def load_pretrained_features(model: nn.Module, path: Path) -> int:
         raise InvalidInput(
             f"{path} has batch norm folded (an optimize output): use models/model.pt."
         )
+    if spec.members > 1:
+        raise InvalidInput(
+            f"{path} is an ensemble of {spec.members} models (train.ensemble): start from one "
+            "model's checkpoint (a run without train.ensemble, or --save-models of one run)."
+        )
     ours, theirs = model[-1], source[-1]  # nn.Sequential(Normalize, body): the bodies
     classifier = f"{list(ours._modules)[-1]}."
     target_keys = [k for k in ours.state_dict() if not k.startswith(classifier)]

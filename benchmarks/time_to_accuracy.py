@@ -67,13 +67,14 @@ from imageclf.models.ensemble import ensemble
 from imageclf.paths import ProjectPaths
 from imageclf.training.engine import (
     EpochMetrics,
+    ema_validated_better,
     make_optimizer,
     predict_logits,
     seed_everything,
     set_threads,
     train_model,
 )
-from imageclf.training.spec import training_spec
+from imageclf.training.spec import prepare_run
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -450,14 +451,9 @@ def train_project_model(
     None) and scored by ``score`` (default: the evaluate stage's accuracy); returns the run, the
     weights the train stage would keep and their spec."""
     score = score or (lambda model: scored_accuracy(model, dataset.test, params))
-    train_idx, val_idx = split_train_val(
-        dataset.train.labels, params.data.val_fraction, params.seed
-    )
-    train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    spec = training_spec(params.train, dataset.classes, dataset.image_shape, train.images)
-    seed_everything(params.seed)
-    model = spec.build()
-    run = run or Run(name, description, len(train))
+    prepared = prepare_run(params, dataset, paths)
+    model = prepared.model
+    run = run or Run(name, description, len(prepared.train))
     pending: dict[str, Any] = {}
 
     def on_epoch_end(metrics: EpochMetrics, model_: nn.Module, _opt: Any) -> None:
@@ -471,8 +467,7 @@ def train_project_model(
         """With train.ema_decay: the engine hands the EMA weights out only in its resumable
         state; score the weights the train stage would keep (EMA when it validates better)."""
         metrics = pending["metrics"]
-        better = (metrics.ema_val_accuracy or 0.0) > (metrics.val_accuracy or 0.0)
-        if state.get("ema") is None or not better:
+        if state.get("ema") is None or not ema_validated_better(metrics):
             pending["kept"] = model
             run.add(metrics.seconds, pending["raw"])
             return
@@ -483,8 +478,8 @@ def train_project_model(
 
     train_model(
         model,
-        train,
-        val,
+        prepared.train,
+        prepared.val,
         params.train,
         seed=params.seed,
         loader=load_loader_settings(paths.loader_config),
@@ -492,7 +487,7 @@ def train_project_model(
         progress=False,
         save_state=save_state if params.train.ema_decay > 0 else None,
     )
-    return run, pending["kept"], spec
+    return run, pending["kept"], prepared.spec
 
 
 # --- step times -----------------------------------------------------------------------------

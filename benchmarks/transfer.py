@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 from imageclf.config import Params, apply_overrides, load_overrides, load_params
-from imageclf.data.store import Dataset, load_dataset, split_train_val
-from imageclf.models.backbones import load_pretrained
+from imageclf.data.store import Dataset, load_dataset
 from imageclf.paths import ProjectPaths
-from imageclf.training.engine import predict_logits, seed_everything, set_threads, train_model
-from imageclf.training.spec import training_spec
+from imageclf.training.engine import predict_logits, set_threads, train_model
+from imageclf.training.spec import prepare_run
 from stages import download
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,22 +62,16 @@ def read_folder(params: Params, workdir: Path) -> Dataset:
 def train_and_test(name: str, dataset: Dataset, params: Params) -> dict[str, Any]:
     """Train as the train stage would (per-channel statistics or the weights' own, the val
     split) and return the test accuracy and training seconds."""
-    cfg = params.train
-    train_idx, val_idx = split_train_val(
-        dataset.train.labels, params.data.val_fraction, params.seed
+    prepared = prepare_run(params, dataset, ProjectPaths(REPO))
+    model, train_split = prepared.model, prepared.train
+    history = train_model(
+        model, train_split, prepared.val, params.train, seed=params.seed, progress=False
     )
-    train_split, val_split = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    spec = training_spec(cfg, dataset.classes, dataset.image_shape, train_split.images)
-    seed_everything(params.seed)
-    model = spec.build()
-    if cfg.pretrained:
-        load_pretrained(model, cfg.model, cfg.pretrained, REPO)
-    history = train_model(model, train_split, val_split, cfg, seed=params.seed, progress=False)
     logits = predict_logits(model, dataset.test.images, batch_size=128)
     accuracy = float((logits.argmax(1).numpy() == dataset.test.labels).mean())
     return {
         "method": name,
-        "size": spec.image_size,
+        "size": prepared.spec.image_size,
         "epochs": len(history.epochs),
         "train_images": len(train_split),
         "test_accuracy": accuracy,

@@ -7,9 +7,8 @@ processes (see imageclf.training.distributed); rank 0 does all the logging and w
 from __future__ import annotations
 
 import logging
-import pickle
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,65 +17,21 @@ from torch import nn
 
 from imageclf.config import Params, TrainParams, ensemble_members
 from imageclf.data.loaders import LoaderSettings, load_loader_settings
-from imageclf.data.store import Dataset, Split, load_dataset, split_train_val
+from imageclf.data.store import load_dataset
 from imageclf.io import write_json
-from imageclf.models.backbones import load_pretrained, pretrained_models
-from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
+from imageclf.models.checkpoint import ModelSpec, save_checkpoint
 from imageclf.models.ensemble import ensemble
-from imageclf.models.zoo import count_parameters, model_contract
+from imageclf.models.zoo import count_parameters
 from imageclf.paths import ProjectPaths
-from imageclf.stage import InvalidInput, StageError, main
+from imageclf.stage import main
 from imageclf.tracking import experiment_tags, flatten, git_commit, params_hash, setup_mlflow
 from imageclf.training import distributed
-from imageclf.training.debugging import check_model_accepts
-from imageclf.training.engine import (
-    EpochMetrics,
-    TrainHistory,
-    seed_everything,
-    set_threads,
-    train_model,
-)
+from imageclf.training.engine import EpochMetrics, chosen_weights, set_threads, train_model
 from imageclf.training.resume import fingerprint, finished_member, member_file, resume_state
-from imageclf.training.spec import training_spec
+from imageclf.training.spec import PreparedRun, prepare_run
 from imageclf.training.watch import build_observers
 
 log = logging.getLogger(__name__)
-
-
-def check_transfer_params(cfg: TrainParams) -> None:
-    """Transfer settings that need starting weights, refused with what to set instead."""
-    if cfg.pretrained and cfg.init_from:
-        raise StageError(
-            "train.pretrained and train.init_from both name starting weights: set one of them "
-            'to "" (pretrained: ImageNet weights; init_from: a checkpoint of this project).'
-        )
-    if cfg.pretrained and cfg.model not in pretrained_models():
-        raise StageError(
-            f"train.pretrained is set, but {cfg.model} has no pretrained weights; models that "
-            f'take them: {pretrained_models()} (train.model), or set train.pretrained: "".'
-        )
-    start = cfg.pretrained or cfg.init_from
-    needs = []
-    if cfg.freeze_epochs:
-        needs.append("train.freeze_epochs")
-    if cfg.transfer == "features":
-        needs.append("train.transfer: features")
-    if cfg.unfreeze == "gradual":
-        needs.append("train.unfreeze: gradual")
-    if needs and not start:
-        raise StageError(
-            f"{', '.join(needs)} needs train.init_from or train.pretrained (freezing random "
-            "features learns nothing)."
-        )
-
-
-def chosen_weights(history: TrainHistory) -> str:
-    """Which weights models/model.pt gets: "ema" when the EMA of the weights validated better
-    than the weights themselves after the last epoch, else "raw" (ties keep the trained ones)."""
-    final = history.final
-    if history.ema is None or final.ema_val_accuracy is None or final.val_accuracy is None:
-        return "raw"
-    return "ema" if final.ema_val_accuracy > final.val_accuracy else "raw"
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
@@ -90,73 +45,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             distributed.shutdown()
 
 
-@dataclass
-class Member:
-    """One training run of the stage: the model alone, or one member of ``train.ensemble``."""
-
-    index: int
-    params: Params
-    spec: ModelSpec
-    model: nn.Module
-    train: Split
-    val: Split
-
-
-def _prepare(index: int, params: Params, paths: ProjectPaths, dataset: Dataset) -> Member:
-    """Split, statistics, seeded initial (or transferred) weights and a shape check: everything
-    before the first step of one run, exactly as a stage run with these parameters does it."""
-    cfg = params.train
-    train_idx, val_idx = split_train_val(
-        dataset.train.labels, params.data.val_fraction, params.seed
-    )
-    train_split, val_split = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    _, h, _ = dataset.image_shape
-    check_transfer_params(cfg)
-    contract = model_contract(cfg.model)
-    spec = training_spec(cfg, dataset.classes, dataset.image_shape, train_split.images)
-    seed_everything(params.seed)  # the initial weights too, not only the data order
-    try:
-        model = spec.build()
-    except InvalidInput as exc:  # e.g. an ImageNet backbone on grayscale data
-        raise StageError(f"train.model: {exc}") from exc
-    if cfg.pretrained:
-        try:
-            source = load_pretrained(model, cfg.model, cfg.pretrained, paths.root)
-        except InvalidInput as exc:
-            raise StageError(f"train.pretrained: {exc}") from exc
-        log.info("pretrained %s weights from %s", cfg.model, source)
-        if contract.size and abs(h - contract.size) / contract.size > 0.5:
-            log.warning(
-                "%s was pretrained at %d px and trains at %d px (data.image_size): fine-tuning "
-                "adapts it, frozen features (train.transfer: features) suffer most.",
-                cfg.model,
-                contract.size,
-                h,
-            )
-    elif cfg.init_from:
-        source = paths.resolve(cfg.init_from)
-        if not source.is_file():
-            raise StageError(
-                f"train.init_from: no file at {source}. Point it at a checkpoint this project "
-                'wrote (a models/model.pt kept aside), or set it to "" to train from scratch.'
-            )
-        try:
-            copied = load_pretrained_features(model, source)
-        except InvalidInput as exc:  # the wrong architecture, width or channels: says which
-            raise StageError(f"train.init_from: {exc}") from exc
-        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
-            # not a checkpoint at all: what torch.load raises for a file it cannot read
-            raise StageError(
-                f"train.init_from: {source} is not a checkpoint this project wrote ({exc})."
-            ) from exc
-        log.info("transfer learning: %d feature tensors from %s", copied, source)
-    # A model that disagrees with the data's shape fails here, naming the layer and the setting.
-    check_model_accepts(model, dataset.image_shape)
-    return Member(index, params, spec, model, train_split, val_split)
-
-
 def _train_one(
-    member: Member,
+    index: int,
+    member: PreparedRun,
     wanted: dict[str, Any],
     paths: ProjectPaths,
     loader: LoaderSettings,
@@ -171,7 +62,7 @@ def _train_one(
     import mlflow
 
     cfg = member.params.train
-    tag = {"member": member.index} if ensembled else {}
+    tag = {"member": index} if ensembled else {}
     # models/checkpoints/last.pt of a killed run with the same parameters and data: continue it
     # (every rank reads it: each has its own random states in it).
     resume = resume_state(paths.last_checkpoint, wanted, cfg.resume)
@@ -179,11 +70,11 @@ def _train_one(
         {**EpochMetrics(**row).as_dict(), **tag} for row in (resume["history"] if resume else [])
     ]
     if resume is not None:  # the killed run's epochs are logged again, in this MLflow run
-        key = f"resumed_after_epoch_member_{member.index}" if tag else "resumed_after_epoch"
+        key = f"resumed_after_epoch_member_{index}" if tag else "resumed_after_epoch"
         mlflow.set_tag(key, resume["epoch"])
     for i, row in enumerate(rows):
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step0 + i)
-    folder = f"checkpoints/member-{member.index}" if tag else "checkpoints"
+    folder = f"checkpoints/member-{index}" if tag else "checkpoints"
 
     def on_epoch_end(metrics: EpochMetrics, model_: Any, _opt: Any) -> None:
         row = {**metrics.as_dict(), **tag}
@@ -208,9 +99,7 @@ def _train_one(
     # TensorBoard, gradient flow, activation statistics (rank 0 only; train_model closes
     # them); the TensorBoard folder is named after this MLflow run (and member).
     run_name = f"{active.info.run_name}-{active.info.run_id[:8]}"
-    observers = build_observers(
-        cfg, paths, f"{run_name}-member-{member.index}" if tag else run_name
-    )
+    observers = build_observers(cfg, paths, f"{run_name}-member-{index}" if tag else run_name)
     history = train_model(
         member.model,
         member.train,
@@ -304,18 +193,18 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     world = distributed.world_size()
     train_hash = str(dataset.meta.get("train_hash"))
 
-    def wanted(member: Member) -> dict[str, Any]:
+    def wanted(index: int, member: PreparedRun) -> dict[str, Any]:
         found = fingerprint(member.params, train_hash, world)
-        return {**found, "ensemble_member": repr(member.index)} if ensembled else found
+        return {**found, "ensemble_member": repr(index)} if ensembled else found
 
     if not distributed.is_main():  # a DDP worker: train its shards, leave the records to rank 0
         for index, run_params in enumerate(runs):
-            member = _prepare(index, run_params, paths, dataset)
+            member = prepare_run(run_params, dataset, paths)
             if ensembled and finished_member(
-                member_file(paths.last_checkpoint, index), wanted(member), cfg.resume
+                member_file(paths.last_checkpoint, index), wanted(index, member), cfg.resume
             ):
                 continue
-            resume = resume_state(paths.last_checkpoint, wanted(member), cfg.resume)
+            resume = resume_state(paths.last_checkpoint, wanted(index, member), cfg.resume)
             train_model(
                 member.model,
                 member.train,
@@ -357,11 +246,11 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         mlflow.log_params({"loader." + k: v for k, v in loader.as_dict().items()})
         mlflow.log_param("world_size", world)
         for index, run_params in enumerate(runs):
-            member = _prepare(index, run_params, paths, dataset)
+            member = prepare_run(run_params, dataset, paths)
             specs.append(member.spec)
             done = (
                 finished_member(
-                    member_file(paths.last_checkpoint, index), wanted(member), cfg.resume
+                    member_file(paths.last_checkpoint, index), wanted(index, member), cfg.resume
                 )
                 if ensembled
                 else None
@@ -379,7 +268,15 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                 members.append(outcome)
                 continue
             kept, rows, outcome = _train_one(
-                member, wanted(member), paths, loader, active, tmp, len(history_rows), ensembled
+                index,
+                member,
+                wanted(index, member),
+                paths,
+                loader,
+                active,
+                tmp,
+                len(history_rows),
+                ensembled,
             )
             history_rows.extend(rows)
             kept_models.append(kept)
@@ -389,7 +286,11 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
                     member_file(paths.last_checkpoint, index),
                     kept,
                     member.spec,
-                    extra={"fingerprint": wanted(member), "history": rows, "outcome": outcome},
+                    extra={
+                        "fingerprint": wanted(index, member),
+                        "history": rows,
+                        "outcome": outcome,
+                    },
                 )
         # The ensemble's input contract is its first member's (all share the architecture and
         # the data; each member's own normalisation travels in its weights).

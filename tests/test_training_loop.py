@@ -26,6 +26,7 @@ from imageclf.training.engine import (
     ONECYCLE_PCT_START,
     EarlyStopping,
     TrainHistory,
+    chosen_weights,
     grad_norm,
     make_optimizer,
     make_scheduler,
@@ -35,7 +36,6 @@ from imageclf.training.engine import (
 )
 from imageclf.training.mixing import BatchMixer
 from imageclf.training.observers import Observers, TrainingObserver
-from stages.train import chosen_weights
 from tests.conftest import synthetic_split, tiny_params
 
 SPLIT = synthetic_split(6, size=12)  # 24 images, 4 classes

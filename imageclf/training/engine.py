@@ -117,6 +117,21 @@ class TrainHistory:
         return self.epochs[-1]
 
 
+def ema_validated_better(metrics: EpochMetrics) -> bool:
+    """Whether the EMA of the weights scored higher than the weights on the validation split
+    after this epoch (ties keep the trained weights; no EMA or no validation: False)."""
+    if metrics.ema_val_accuracy is None or metrics.val_accuracy is None:
+        return False
+    return metrics.ema_val_accuracy > metrics.val_accuracy
+
+
+def chosen_weights(history: TrainHistory) -> str:
+    """Which weights a run keeps: "ema" when the EMA of the weights validated better than the
+    weights themselves after the last epoch, else "raw". One rule for the train stage and the
+    benchmarks, so that a benchmark scores the model the stage would save."""
+    return "ema" if history.ema is not None and ema_validated_better(history.final) else "raw"
+
+
 def is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
     """Biases, norm layers' parameters and other vectors (layer scales) get no weight decay;
     conv and linear weights (and other matrices: embeddings) do."""

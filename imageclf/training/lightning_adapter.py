@@ -47,7 +47,7 @@ from imageclf.training.engine import (
     select_device,
 )
 from imageclf.training.mixing import BatchMixer, hard_labels
-from imageclf.training.spec import training_spec
+from imageclf.training.spec import prepare_run
 
 log = logging.getLogger(__name__)
 # train.precision as the autocast dtype the engine picks -> Lightning's name for it.
@@ -253,12 +253,11 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     cfg = params.train
     check_supported(cfg)
     dataset = load_dataset(paths.dataset)
+    # The split, the spec and the seeded initial weights, as the train stage makes them.
+    prepared = prepare_run(params, dataset, paths)
+    model, spec = prepared.model, prepared.spec
     data = ImageDataModule(dataset, params, load_loader_settings(paths.loader_config))
-    data.setup("fit")
-    assert data.train_split is not None
-    spec = training_spec(cfg, dataset.classes, dataset.image_shape, data.train_split.images)
-    seed_everything(params.seed)  # the initial weights, as the train stage draws them
-    model = spec.build()
+    data.train_split, data.val_split = prepared.train, prepared.val
     with tempfile.TemporaryDirectory() as scratch:  # Lightning's default_root_dir: nothing kept
         _, metrics = fit(model, data, root=Path(scratch))
     save_checkpoint(paths.checkpoint, model.cpu(), spec, extra={"trainer": "lightning"})

@@ -85,7 +85,7 @@ train-ddp: setup
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m stages.train
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

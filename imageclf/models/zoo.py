@@ -256,36 +256,14 @@ def resnet_pos(
     at the same step time is measured in docs/time-to-accuracy.md. Photos, whose
     objects sit anywhere, are better served by average pooling (``resnet_small``) or a
     pretrained backbone; the layer's size also grows with the image (``image_size``)."""
-    return position_resnet(num_classes, in_channels, width, image_size, blocks=1)
-
-
-@register("resnet_pos_deep")
-def resnet_pos_deep(
-    num_classes: int, in_channels: int, width: int = 32, image_size: int = 28
-) -> nn.Module:
-    """``resnet_pos`` with two residual blocks at each of its two resolutions instead of one
-    (9 convolutions deep instead of 5): the long configuration's model (configs/long.yaml).
-
-    Depth where the map is already small costs little: each added block is as many
-    multiply-adds as the one before it at that resolution, about 1.8x ``resnet_pos`` in all,
-    and it is where the small ResNets that pass 95% on Fashion-MNIST differ from it (ResNet-20
-    has three blocks per resolution)."""
-    return position_resnet(num_classes, in_channels, width, image_size, blocks=2)
-
-
-def position_resnet(
-    num_classes: int, in_channels: int, width: int, image_size: int, blocks: int
-) -> nn.Sequential:
-    """The ``resnet_pos`` family: a stem, then ``blocks`` residual blocks at 1/2 and at 1/4
-    resolution, and a classifier on the flattened last map (through ``POS_HIDDEN`` features)."""
     w = width
     side = (image_size + 3) // 4  # two stride-2, padding-1 3x3 convs: ceil(ceil(n / 2) / 2)
     return nn.Sequential(
         conv_bn(in_channels, w),
         conv_bn(w, 2 * w, stride=2),
-        *(ResidualBlock(2 * w, zero_init=True) for _ in range(blocks)),
+        ResidualBlock(2 * w, zero_init=True),
         conv_bn(2 * w, 4 * w, stride=2),
-        *(ResidualBlock(4 * w, zero_init=True) for _ in range(blocks)),
+        ResidualBlock(4 * w, zero_init=True),
         nn.Flatten(),
         nn.Linear(4 * w * side * side, POS_HIDDEN),
         nn.ReLU(inplace=True),

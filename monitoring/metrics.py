@@ -11,17 +11,22 @@ within one poll interval of being written.
 module): each worker writes its own file and ``/metrics`` merges them. A gauge's
 ``multiprocess_mode`` says how: left at the default (``all``) every gauge would come out once
 per worker with a ``pid`` label, and an alert on ``imageclf_drift_detected == 1`` would fire
-once per worker. The ``live`` modes drop the values of workers that have exited.
+once per worker. The ``live`` modes drop the values of workers that have exited, but only once
+someone deletes their files: BentoML does it when a worker exits cleanly, and
+:func:`forget_exited_workers` does it for workers that were killed (an OOM kill, a crash while
+loading the model), whose last word would otherwise count forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Gauge
+from prometheus_client import Gauge, multiprocess
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,44 @@ def set_model_ready(ready: bool) -> None:
     """Record this worker's readiness (what ``__is_ready__`` answers) for the NotReady alert:
     Prometheus cannot read ``/readyz`` itself, only metrics."""
     MODEL_READY.set(1 if ready else 0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process under a reused pid: not ours to judge
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): a zombie is reaped soon and caught by the next beat
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def forget_exited_workers(directory: str | os.PathLike[str] | None = None) -> list[int]:
+    """Delete the ``live*`` gauge files of processes that no longer run; the pids forgotten.
+
+    A worker killed without a clean exit keeps its file, and ``livemin`` would read its last
+    readiness forever: one worker that died while loading a model would hold
+    ``imageclf_model_ready`` at 0, and the NotReady alert firing, after its replacement serves.
+    Every file in the directory belongs to this server (BentoML empties it at start), so any
+    worker may clean up after any other; the service calls this on every poll beat."""
+    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []  # single-process mode: nothing is shared, nothing goes stale
+    pids = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit():
+            pids.add(int(pid))
+    gone = sorted(pid for pid in pids if not _alive(pid))
+    for pid in gone:
+        with contextlib.suppress(FileNotFoundError):  # another worker removed it first
+            multiprocess.mark_process_dead(pid, str(directory))
+    return gone
 
 
 def _drifted_tests(tests: Any) -> int:

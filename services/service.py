@@ -47,7 +47,7 @@ from imageclf.deploy.serving import (
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri
 from monitoring.features import pixel_features
-from monitoring.metrics import refresh_drift_metrics, set_model_ready
+from monitoring.metrics import forget_exited_workers, refresh_drift_metrics, set_model_ready
 from monitoring.prediction_log import BackgroundWriter, PredictionLog
 from services.limits import (
     ApiToken,
@@ -230,9 +230,11 @@ class ImageClassifier:
     async def _follow(self) -> None:
         """Look up the alias every serving.poll_seconds; swap in the version it names once
         loaded and verified. Each worker polls on its own. The same beat brings the drift
-        verdict and this worker's readiness to /metrics (monitoring.metrics)."""
+        verdict and this worker's readiness to /metrics (monitoring.metrics), and drops what
+        killed workers last reported there."""
         verdict = get_paths().monitoring_verdict
         while True:
+            forget_exited_workers()
             set_model_ready(self.model is not None)
             refresh_drift_metrics(verdict)
             await asyncio.sleep(LIMITS.poll_seconds)

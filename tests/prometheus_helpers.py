@@ -99,3 +99,18 @@ def exposed_names(metrics_text: str) -> set[str]:
         for line in metrics_text.splitlines()
         if line and not line.startswith("#")
     }
+
+
+def worker_readiness(multiproc_dir: Path) -> dict[int, tuple[float, bool]]:
+    """{pid: (imageclf_model_ready it last wrote, still alive)} for every process with a
+    readiness file in a server's PROMETHEUS_MULTIPROC_DIR: what a failed readiness assertion
+    needs to say which worker reported 0, and whether it is gone."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    readiness = {}
+    for path in multiproc_dir.glob("gauge_livemin_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[-1])
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            if json.loads(key)[0] == "imageclf_model_ready":
+                readiness[pid] = (value, Path(f"/proc/{pid}").exists())
+    return readiness

@@ -24,7 +24,7 @@ from benchmarks.serving import TARGETS
 from imageclf.config import load_params
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
-from monitoring.metrics import refresh_drift_metrics, set_model_ready
+from monitoring.metrics import forget_exited_workers, refresh_drift_metrics, set_model_ready
 from monitoring.prediction_log import PredictionLog
 from monitoring.report import run_monitoring
 from ops.prometheus.config import CONFIG, RULE_TESTS, RULES, render_config, write_config
@@ -248,7 +248,7 @@ def test_model_ready_gauge():
 WORKER = textwrap.dedent(
     """
     import sys, time
-    from monitoring.metrics import refresh_drift_metrics, set_model_ready
+    from monitoring.metrics import forget_exited_workers, refresh_drift_metrics, set_model_ready
     set_model_ready(sys.argv[1] == "ready")
     refresh_drift_metrics(sys.argv[2])
     """
@@ -292,6 +292,62 @@ def test_workers_merge_into_one_series_per_gauge(tmp_path):
         "imageclf_drift_window_size": 200.0,
         "imageclf_drift_last_check_timestamp_seconds": pytest.approx(new.stat().st_mtime),
     }, text
+
+
+def collected(env: dict[str, str]) -> dict[str, float]:
+    """The imageclf samples a multiprocess collector merges from env's PROMETHEUS_MULTIPROC_DIR."""
+    text = subprocess.run(
+        [sys.executable, "-c", COLLECT], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("imageclf_")
+    }
+
+
+def test_a_killed_workers_readiness_is_forgotten(tmp_path):
+    """A worker killed while it had no model (no clean exit, so BentoML never marked it dead)
+    must not hold imageclf_model_ready at 0 once its replacement serves: the service's beat
+    (forget_exited_workers) deletes the files of processes that are gone, and only those."""
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom), "PYTHONPATH": str(REPO)}
+    verdict = tmp_path / "verdict.json"
+    write_json(verdict, {"drift": False, "window_size": 100, "tests": {}})
+    serving = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WORKER + "print('set', flush=True); time.sleep(600)",
+            "ready",
+            str(verdict),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert serving.stdout is not None and serving.stdout.readline() == "set\n"
+        killed = subprocess.Popen(
+            [sys.executable, "-c", WORKER + "import os; os._exit(9)", "not-ready", str(verdict)],
+            env=env,
+        )
+        assert killed.wait(timeout=60) == 9
+        assert collected(env)["imageclf_model_ready"] == 0  # the dead worker's 0 still counts
+        assert forget_exited_workers(prom) == [killed.pid]
+        samples = collected(env)
+        assert samples["imageclf_model_ready"] == 1, samples
+        assert samples["imageclf_drift_window_size"] == 100, samples  # the live one's gauges
+        assert forget_exited_workers(prom) == []  # nothing more to forget
+        assert {p.name for p in prom.glob("gauge_live*")} == {
+            f"gauge_{mode}_{serving.pid}.db" for mode in ("livemin", "livemostrecent")
+        }
+    finally:
+        serving.kill()
+        serving.wait()
+    assert forget_exited_workers(prom) == [serving.pid]
+    assert forget_exited_workers(tmp_path / "empty") == []
 
 
 def test_dashboard_is_valid_grafana_json():

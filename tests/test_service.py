@@ -41,10 +41,16 @@ champion_project = service_helpers.champion_project  # trained once, shared with
 
 
 @pytest.fixture(scope="module")
-def server(champion_project: ProjectPaths) -> Iterator[str]:
+def served(champion_project: ProjectPaths) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The module's `bentoml serve` of the champion: (process, URL)."""
     proc, url = start_server(champion_project)
-    yield url
+    yield proc, url
     stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[subprocess.Popen, str]) -> str:
+    return served[1]
 
 
 @pytest.fixture(scope="module")
@@ -463,7 +469,7 @@ def test_stopping_the_service_writes_the_last_predictions(champion_project, test
 # ------------------------------------------------ Prometheus scraping the served service
 @pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus not installed (make setup)")
 def test_prometheus_scrapes_the_service_and_alerts_on_drift(
-    server, champion_project, test_images, tmp_path
+    served, champion_project, test_images, tmp_path
 ):
     """A real Prometheus, configured from ops/prometheus/prometheus.yml (only the target and
     the intervals replaced), scrapes the served champion: the service's metrics arrive, every
@@ -471,7 +477,7 @@ def test_prometheus_scrapes_the_service_and_alerts_on_drift(
     Prometheus through the service and fires ImageclfDriftDetected, and every metric the rules
     and the Grafana dashboard use is one this service really exposes."""
     from imageclf.io import write_json
-    from imageclf.local_servers import free_port, start
+    from imageclf.local_servers import free_port, output, start
     from ops.prometheus.config import write_config
     from tests.prometheus_helpers import (
         PROMETHEUS,
@@ -480,8 +486,10 @@ def test_prometheus_scrapes_the_service_and_alerts_on_drift(
         dashboard_exprs,
         exposed_names,
         metric_names,
+        worker_readiness,
     )
 
+    server_proc, server = served
     images, _, _ = test_images
     target = server.removeprefix("http://")
     config = write_config(tmp_path / "prometheus", target, interval_s=0.5)
@@ -536,7 +544,14 @@ def test_prometheus_scrapes_the_service_and_alerts_on_drift(
             time.sleep(0.25)
         assert seen.pop('sum(imageclf_predictions_total{job="imageclf"})') >= 3, seen
         wanted.pop('sum(imageclf_predictions_total{job="imageclf"})')
-        assert seen == wanted  # (earlier tests' predictions count as well: at least 3)
+        # (earlier tests' predictions count as well: at least 3)
+        home = champion_project.root / f"bentoml-{target.rsplit(':', 1)[1]}"
+        readiness = worker_readiness(home / "prometheus_multiproc_dir")
+        assert seen == wanted, (
+            f"readiness per worker {{pid: (value, alive)}}: {readiness}\n"
+            f"server log:\n{output(server_proc)}"
+        )
+        assert [value for value, alive in readiness.values() if alive] == [1.0, 1.0], readiness
         assert "ImageclfDriftDetected" in firing()
         last_check = value('imageclf_drift_last_check_timestamp_seconds{job="imageclf"}')
         assert last_check == pytest.approx(verdict.stat().st_mtime, abs=1e-3)

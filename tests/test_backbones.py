@@ -176,9 +176,22 @@ def test_lite0_exports_to_onnx_with_a_dynamic_batch_and_folds_its_batch_norm(tmp
     images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
     check = verify_onnx(path, serving, images)
     assert check["dynamic_batch"] and check["max_abs_diff"] < 1e-4
+    # Exported out of place (twice as fast), trained in place: the flags are back.
+    relu6 = [m for m in model.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert relu6 and all(m.inplace for m in relu6)
     x = torch.rand(2, 3, 96, 96)
     with torch.inference_mode():
         torch.testing.assert_close(fold_batchnorm(model)(x), model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_activations_run_out_of_place_only_while_exporting():
+    from imageclf.deploy.export import functional_activations
+
+    model = torch.nn.Sequential(torch.nn.ReLU6(inplace=True), torch.nn.ReLU(), torch.nn.ReLU(True))
+    with pytest.raises(RuntimeError), functional_activations(model):
+        assert [m.inplace for m in model] == [False, False, False]
+        raise RuntimeError("the export failed")
+    assert [m.inplace for m in model] == [True, False, True]  # as they were, even after a failure
 
 
 def test_per_channel_normalisation_and_checkpoints_with_one_float(tmp_path):

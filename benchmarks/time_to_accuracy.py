@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from imageclf.config import (
@@ -50,6 +49,7 @@ from imageclf.config import (
     ensemble_members,
     load_overrides,
     load_params,
+    parse_assignments,
 )
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import (
@@ -296,17 +296,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 # --- runs -----------------------------------------------------------------------------------
-
-
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` overrides with YAML-typed values, as ``dvc exp run -S`` takes them."""
-    parsed: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ParamsError(f"--set {item!r} is not KEY=VALUE with a dotted key (train.lr=0.1).")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return parsed
 
 
 def configurations(
@@ -596,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     paths = ProjectPaths(args.root)
     base = load_params(paths.params)
-    runs_to_do = configurations(base, args.config, parse_set(args.set), args.skip_default)
+    runs_to_do = configurations(base, args.config, parse_assignments(args.set), args.skip_default)
     dataset = subset(load_dataset(paths.dataset), args.subset, base.seed)
     set_threads(args.threads)
     with contextlib.suppress(RuntimeError):  # refused once parallel work ran (in a test)

@@ -8,6 +8,7 @@ this file cannot drift from it. Optional values (``None``) are spelled ``null`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -455,6 +456,18 @@ def load_params(path: Path | str | None = None) -> Params:
         raise ParamsError(
             f"{path} has invalid parameters: {_problems(exc)}. Fix them and rerun."
         ) from exc
+
+
+def parse_assignments(items: Sequence[str] | None) -> dict[str, object]:
+    """``["train.lr=0.1", "seed=43"]`` -> {key: YAML-typed value}, as ``dvc exp run -S`` reads
+    them; :func:`apply_overrides` then checks the keys and values against the parameters."""
+    parsed: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"{item!r} is not KEY=VALUE (e.g. train.lr=0.1 or seed=43).")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
 
 
 def load_overrides(path: Path | str) -> dict[str, object]:

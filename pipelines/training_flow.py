@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from imageclf.config import load_overrides, load_params
+from imageclf.config import load_overrides, load_params, parse_assignments
 from imageclf.io import read_json
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri
@@ -42,19 +42,6 @@ from pipelines.dvc_experiment import (
     stage_env,
     write_params,
 )
-
-
-def parse_set_params(items: list[str] | None) -> dict[str, Any]:
-    """``["train.lr=0.1", "train.augment=false"]`` -> typed values (YAML scalars, as DVC's -S)."""
-    import yaml
-
-    parsed: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"set_params entry {item!r} is not KEY=VALUE (e.g. train.lr=0.1).")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return parsed
 
 
 @task(name="prepare-workspace", cache_policy=NO_CACHE)
@@ -192,7 +179,7 @@ def training_flow(
     overrides = {
         **(load_overrides(config) if config else {}),
         **{k: v for k, v in named.items() if v is not None},
-        **parse_set_params(set_params),
+        **parse_assignments(set_params),
     }
     tracking = tracking_uri(get_paths())
     workspace = prepare(overrides)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from imageclf.config import Params, ParamsError, apply_overrides, load_params
+from imageclf.config import Params, ParamsError, apply_overrides, load_params, parse_assignments
 from tests.conftest import REPO
 
 
@@ -129,3 +129,16 @@ def test_every_shipped_configuration_applies_over_params_yaml(path, default_para
 
     params = apply_overrides(default_params, load_overrides(path))
     assert ensemble_members(params)
+
+
+def test_command_line_assignments_are_typed_and_may_name_a_top_level_value(default_params):
+    """`-S KEY=VALUE` (the training flow's set_params, the benchmark's --set): YAML-typed values,
+    dotted keys or a top-level one such as seed, as `dvc exp run -S` takes them."""
+    parsed = parse_assignments(["train.lr=0.1", "seed=43", "train.augment=[hflip]", "a.b= x=y"])
+    assert parsed == {"train.lr": 0.1, "seed": 43, "train.augment": ["hflip"], "a.b": "x=y"}
+    params = apply_overrides(default_params, {k: parsed[k] for k in ("train.lr", "seed")})
+    assert (params.train.lr, params.seed) == (0.1, 43)
+    for bad in ("train.lr", "=3", " =3"):
+        with pytest.raises(ParamsError, match="is not KEY=VALUE"):
+            parse_assignments([bad])
+    assert parse_assignments(None) == {}

@@ -209,6 +209,29 @@ def test_resnet_pos_classifier_reads_the_whole_map_at_any_size(size):
     assert scores.shape == (3, 10) and embedding.shape == (3, POS_HIDDEN)
 
 
+def test_resnet_pos_full_adds_a_residual_block_at_full_resolution_only():
+    """resnet_pos_full is resnet_pos plus one residual block on the 28x28 map; resnet_pos keeps
+    its layer names (checkpoints saved before resnet_pos_full existed still load)."""
+    from imageclf.models.zoo import ResidualBlock
+
+    def block_sides(name: str) -> list[int]:
+        model = build_model(name, 10, 1, 8, image_size=28).eval()
+        sides: list[int] = []
+        for m in model.modules():
+            if isinstance(m, ResidualBlock):
+                m.register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+        model(torch.rand(2, 1, 28, 28))
+        return sides
+
+    assert block_sides("resnet_pos") == [14, 7]
+    assert block_sides("resnet_pos_full") == [28, 14, 7]
+    # The layer names of resnet_pos as before the refactor that added resnet_pos_full.
+    pos = [k for k in build_model("resnet_pos", 10, 1, 8).state_dict() if k.endswith("weight")]
+    assert pos[:5] == ["1.0.0.weight", "1.0.1.weight", "1.1.0.weight", "1.1.1.weight",
+                       "1.2.body.0.0.weight"]  # fmt: skip
+    assert pos[-2:] == ["1.6.weight", "1.9.weight"]
+
+
 def test_mlp_learns_folds_and_exports_like_every_model(tmp_path):
     """``train.model: mlp`` (Mini-Project 2) through the road every model takes: the engine's
     loop learns a held-out task, its BatchNorm folds into the Linear layers, a folded checkpoint

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from imageclf.local_servers import output, start, stop
@@ -250,31 +251,42 @@ def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(pre
     assert len(kept) == 1 and ProjectPaths(kept[0]).validation_failed.is_dir()
 
 
-def test_monitoring_flow_records_a_drift_artifact_and_retrains(prefect_api, tmp_path, monkeypatch):
+def test_monitoring_flow_records_a_drift_artifact_and_retrains(prefect_api, in_repo):
+    """The served model sees images unlike its training data (the test images inverted): the
+    monitoring flow finds drift, records it as a Prefect artifact and, with retrain_on_drift,
+    runs the training flow, which records a new DVC experiment and registers its model.
+
+    It runs in the project the earlier tests trained and committed (the README's workflow), so
+    the retraining finds every stage's outputs in the shared cache, as a retrain on unchanged
+    data does; the stages themselves are run for real by the tests above."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from imageclf.config import load_params
     from imageclf.data.store import load_dataset
     from pipelines.monitoring_flow import monitoring_flow
-    from tests.monitoring_helpers import monitoring_project, serve_window
+    from tests.monitoring_helpers import serve_window
 
-    root = repo_copy(tmp_path / "repo")
-    monkeypatch.setenv("IMAGECLF_ROOT", str(root))
-    paths, params = monitoring_project(root, monkeypatch)
-    serve_window(paths, params, 255 - load_dataset(paths.dataset).test.images[:300])
+    params = load_params(in_repo.params)
+    test = load_dataset(in_repo.dataset).test.images
+    serve_window(in_repo, params, 255 - np.concatenate([test] * (300 // len(test) + 1))[:300])
+    before = {r["Experiment"] for r in exp_show(in_repo.root)}
     state = monitoring_flow(last=300, retrain_on_drift=True, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["drift"] and result["reasons"]
-    # retrain_on_drift ran the training flow: a new DVC experiment, trained and registered
-    assert result["training"]["version"] == "1" and result["training"]["run_id"]
-    assert any(r["Experiment"] == result["training"]["experiment"] for r in exp_show(root))
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
+    assert result["drift"] and result["reasons"] and result["window_size"] == 300, result
+    # retrain_on_drift ran the training flow: a new DVC experiment, its model registered
+    training = result["training"]
+    assert training["experiment"] not in before
+    assert training["experiment"] in {r["Experiment"] for r in exp_show(in_repo.root)}
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    assert client.get_model_version(MODEL, training["version"]).run_id == training["run_id"]
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drift-report"]))
         )
-    assert any(a.flow_run_id == state.state_details.flow_run_id for a in artifacts)
-    assert any("Drift detected" in (a.data or "") for a in artifacts)
+    mine = [a for a in artifacts if a.flow_run_id == state.state_details.flow_run_id]
+    assert mine and "Drift detected" in (mine[0].data or "")
 
 
 def test_photo_configuration_runs_the_rgb_transfer_path_end_to_end(prefect_api, in_repo):

@@ -351,6 +351,7 @@ class TeamParams(_Section):
     prefect_port: int = Field(ge=1, le=65535)
     service_port: int = Field(ge=1, le=65535)
     prometheus_port: int = Field(ge=1, le=65535)
+    scrape_interval_s: float = Field(ge=0.1, le=3600)
     mlflow_workers: int = Field(ge=1)
     worker_poll_s: float = Field(gt=0)
     # A local folder or a URL (s3://, ssh://); empty: no DVC remote.

@@ -252,7 +252,8 @@ def _prometheus_config(team: Team) -> None:
     """ops/prometheus/prometheus.yml and its rules, scraping this team's service."""
     from ops.prometheus.config import write_config
 
-    write_config(_prometheus_dir(team), f"{team.params.host}:{team.params.service_port}")
+    p = team.params
+    write_config(_prometheus_dir(team), f"{p.host}:{p.service_port}", p.scrape_interval_s)
 
 
 def _postgres_cmd(team: Team) -> list[str]:

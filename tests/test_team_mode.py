@@ -69,6 +69,7 @@ def team() -> Iterator[Team]:
             "prefect_port": free_port(),
             "service_port": free_port(),
             "prometheus_port": free_port(),
+            "scrape_interval_s": 1,
             "mlflow_workers": 1,
             "worker_poll_s": 1,
             "schedule_monitoring": False,
@@ -158,11 +159,14 @@ def test_ui_run_is_executed_by_the_worker_and_its_champion_is_served(team):
     assert body["model"]["name"] == MODEL and body["predictions"], body
     assert body["model"]["version"] == str(champion.version), body
 
-    # Team mode's Prometheus scrapes that service, with the project's alert rules loaded.
+    # Team mode's Prometheus scrapes that service every team.scrape_interval_s, with the
+    # project's alert rules loaded.
+    config = yaml.safe_load((team.folder / "prometheus" / "prometheus.yml").read_text())
+    assert config["global"]["scrape_interval"] == "1000ms", config["global"]
     prometheus = team.url(team.params.prometheus_port)
     query = f'imageclf_predictions_total{{model_version="{champion.version}"}}'
     series: list = []
-    deadline = time.monotonic() + 90  # a few scrape intervals (15 s, prometheus.yml)
+    deadline = time.monotonic() + 90  # many scrape intervals: the service may still be loading
     while time.monotonic() < deadline and not series:
         series = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}).json()
         series = series["data"]["result"]

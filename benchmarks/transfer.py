@@ -12,6 +12,9 @@ download stage's folder reader, ``training_spec``, ``load_pretrained``, ``train_
     python -m benchmarks.photo_folder /tmp/photos --train-per-class 400 --test-per-class 100
     python -m benchmarks.transfer /tmp/photos
 
+``benchmarks/shift_folder.py`` writes a harder folder for ranking recipes (Fashion-MNIST items on
+cluttered photo backgrounds, a domain shift between train and test): pass that folder instead.
+
 Prints a markdown table of test accuracy and training seconds (data reading excluded).
 """
 

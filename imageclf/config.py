@@ -28,9 +28,14 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    name: Literal["fashion_mnist", "imagefolder"]
+    name: Literal["fashion_mnist", "imagefolder", "elpv"]
     sources: list[str]
     imagefolder_root: str | None
+    # elpv (imageclf.data.elpv): the four defect probabilities as classes, or defective (>= 0.5)
+    # against functional; both on one seeded split stratified by defect and cell type.
+    elpv_task: Literal["4class", "binary"]
+    # elpv: the share of each stratum held out as the test split (the literature's 25%).
+    test_fraction: float = Field(gt=0.0, lt=1.0)
     image_size: int = Field(ge=8, le=512)
     channels: Literal[1, 3]
     fraction: float = Field(gt=0.0, le=1.0)
@@ -45,8 +50,6 @@ class DataParams(_Section):
 
 
 class ValidateParams(_Section):
-    max_class_share_deviation: float = Field(ge=0.0, le=1.0)
-    min_images_per_class: int = Field(ge=1)
     allow_train_test_duplicates: bool
     # Folder datasets: images with a shorter side below this (pixels), or a longer/shorter side
     # ratio above max_aspect_ratio, are reported as tiny or odd.
@@ -54,6 +57,13 @@ class ValidateParams(_Section):
     max_aspect_ratio: float = Field(ge=1.0)
     # Look for near duplicates (perceptual hash) as well as exact ones.
     near_duplicates: bool
+    # Class balance never fails the gate (train.class_balance corrects it in training): a class
+    # whose share of a split is over this many times the uniform share 1/classes, or under its
+    # inverse, is reported as a warning.
+    max_class_share_ratio: float = Field(ge=1.0)
+    # A class too small to learn from or to test fails the gate (see params.yaml for why).
+    min_train_images_per_class: int = Field(ge=1)
+    min_test_images_per_class: int = Field(ge=1)
 
 
 class LoaderGrid(_Section):
@@ -90,6 +100,8 @@ class DataloaderCheckParams(_Section):
 # name, or a one-key mapping from a name to its one number; the value says what the number means.
 AUGMENTATIONS: dict[str, str | None] = {
     "hflip": None,  # mirror half the images (not for digits, text, ...)
+    "vflip": None,  # upside down half the images (solar cells, microscopy, aerial tiles)
+    "rot90": None,  # rotate by a random multiple of 90 degrees (the same kinds of images)
     "translate": "pixels",  # shift by up to this many pixels (padding with zeros)
     "random_resized_crop": "min_scale",  # crop 'min_scale'..1 of the area, resize back
     "rotation": "degrees",  # rotate by up to +-degrees

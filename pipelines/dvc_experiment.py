@@ -53,10 +53,25 @@ HINTS = re.compile(
     r"|Use `dvc push`)"
 )
 SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping|is cached - skipping run")
+# A stage's own failure (imageclf.stage.main): one message on stderr, then DVC's verdict.
+STAGE_FAILED = re.compile(r"^stage \S+ failed: ")
+DVC_ERROR = re.compile(r"^ERROR: ")
 
 
 class ExperimentError(RuntimeError):
     """The experiment could not be set up, a stage failed, or it could not be saved."""
+
+
+class StageFailed(ExperimentError):
+    """A stage exited non-zero; its message is what the stage said (its one sentence), or for
+    a crash the last line of its traceback."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.stage, str(self))
 
 
 @dataclass(frozen=True)
@@ -205,13 +220,13 @@ def stage_env(workspace: Workspace, tracking_uri: str) -> dict[str, str]:
     return env
 
 
-def _run_dvc(
+def _stream_dvc(
     cwd: Path,
     args: list[str],
     env: Mapping[str, str],
     on_line: Callable[[str], None] | None = None,
-) -> str:
-    """Run dvc, streaming its output line by line; raise with the tail of it on failure."""
+) -> tuple[int, list[str]]:
+    """Run dvc, streaming its output line by line; its exit status and every line."""
     proc = subprocess.Popen(
         [_dvc_bin(), *args],
         cwd=cwd,
@@ -228,10 +243,39 @@ def _run_dvc(
         lines.append(line)
         if on_line and line.strip() and not HINTS.match(line):
             on_line(line)
-    if proc.wait() != 0:
+    return proc.wait(), lines
+
+
+def _run_dvc(
+    cwd: Path,
+    args: list[str],
+    env: Mapping[str, str],
+    on_line: Callable[[str], None] | None = None,
+) -> str:
+    """Run dvc, streaming its output line by line; raise with the tail of it on failure."""
+    code, lines = _stream_dvc(cwd, args, env, on_line)
+    if code != 0:
         tail = "\n".join(lines[-40:])
-        raise ExperimentError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+        raise ExperimentError(f"dvc {' '.join(args)} failed (exit {code}):\n{tail}")
     return "\n".join(lines)
+
+
+def stage_message(stage: str, lines: list[str]) -> str:
+    """What a failed ``dvc repro`` of ``stage`` has to say, once: the stage's own message
+    (from ``stage NAME failed:`` to DVC's ERROR line), else the last line of its traceback,
+    else DVC's error."""
+    ends = [i for i, line in enumerate(lines) if DVC_ERROR.match(line)]
+    end = ends[-1] if ends else len(lines)
+    start = next((i for i, line in enumerate(lines[:end]) if STAGE_FAILED.match(line)), None)
+    if start is not None:
+        return "\n".join(lines[start:end]).strip()
+    ran = next((i for i, line in enumerate(lines[:end]) if line.startswith("> ")), None)
+    said = [line.strip() for line in lines[(ran or 0) + 1 : end] if line.strip()]
+    if ran is not None and said:
+        return f"stage {stage} crashed: {said[-1]} (its traceback is in the stage's log)"
+    if ends:
+        return f"stage {stage} could not run: {DVC_ERROR.sub('', lines[end]).strip()}"
+    return f"stage {stage} failed: " + " ".join(line.strip() for line in lines[-5:])
 
 
 def repro_stage(
@@ -240,9 +284,24 @@ def repro_stage(
     env: Mapping[str, str],
     on_line: Callable[[str], None] | None = None,
 ) -> StageOutcome:
-    """``dvc repro --single-item <stage>`` in the workspace: DVC decides whether it runs."""
+    """``dvc repro --single-item <stage>`` in the workspace: DVC decides whether it runs.
+
+    A failure raises :class:`StageFailed` with the stage's message; that message is not also
+    passed to ``on_line``, so whoever reports the failure shows it once.
+    """
     started = time.perf_counter()
-    output = _run_dvc(workspace.root, ["repro", "--single-item", stage], env, on_line)
+    held = False
+
+    def forward(line: str) -> None:
+        nonlocal held
+        held = held or bool(STAGE_FAILED.match(line))
+        if on_line and not held:
+            on_line(line)
+
+    code, lines = _stream_dvc(workspace.root, ["repro", "--single-item", stage], env, forward)
+    if code != 0:
+        raise StageFailed(stage, stage_message(stage, lines))
+    output = "\n".join(lines)
     ran = not SKIPPED.search(output)
     return StageOutcome(stage, ran, round(time.perf_counter() - started, 2))
 

@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 
 from imageclf.config import load_overrides, load_params, parse_assignments
 from imageclf.io import read_json
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri
 from pipelines.dvc_experiment import (
+    StageFailed,
     StageOutcome,
     Workspace,
     create_workspace,
@@ -89,11 +92,25 @@ def push(workspace: Workspace, remote: str) -> None:
     logger.info("pushed the outputs to DVC remote %s", remote)
 
 
+@dataclass(frozen=True)
+class StageFailure:
+    """A failed stage's message, carried from its task to the flow, which shows it once (as
+    its own state's message). Out of ``repr``, so Prefect's log of the task's state is short."""
+
+    stage: str
+    message: str = field(repr=False)
+
+
 @task(cache_policy=NO_CACHE)
-def dvc_stage(workspace: Workspace, stage: str, tracking: str) -> StageOutcome:
+def dvc_stage(workspace: Workspace, stage: str, tracking: str) -> StageOutcome | State:
     """One stage of dvc.yaml, run (or skipped) by DVC; its output is this task's log."""
     logger = get_run_logger()
-    outcome = repro_stage(workspace, stage, stage_env(workspace, tracking), on_line=logger.info)
+    try:
+        outcome = repro_stage(workspace, stage, stage_env(workspace, tracking), on_line=logger.info)
+    except StageFailed as exc:
+        # Failed, not raised: a raised error is logged with its traceback by the task, again by
+        # the flow, and once more by the caller. The flow run's state message says it instead.
+        return Failed(message=f"stage {stage} failed", data=StageFailure(stage, str(exc)))
     logger.info(
         "stage %s: %s in %.1fs", stage, "ran" if outcome.ran else "skipped", outcome.seconds
     )
@@ -190,7 +207,17 @@ def training_flow(
             stage_task = dvc_stage.with_options(
                 name=spec.name, retries=spec.retries, retry_delay_seconds=5
             )
-            outcomes.append(stage_task(workspace, spec.name, tracking))
+            state = stage_task(workspace, spec.name, tracking, return_state=True)
+            failure = state.result(raise_on_failure=False) if state.is_failed() else None
+            if isinstance(failure, StageFailure):
+                logger.error(
+                    "the experiment's workspace is kept for inspection: %s", workspace.root
+                )
+                # The stage's message, once: this flow run's state message (and its exception).
+                return Failed(
+                    message=failure.message, data=StageFailed(failure.stage, failure.message)
+                )
+            outcomes.append(state.result())
     except Exception:
         logger.error("the experiment's workspace is kept for inspection: %s", workspace.root)
         raise
@@ -256,17 +283,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args(argv)
     logging.getLogger("imageclf").setLevel(logging.INFO)
-    result = training_flow(
-        model=args.model,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        fraction=args.fraction,
-        width=args.width,
-        set_params=args.set_params,
-        promote=not args.no_promote,
-        config=args.config,
-    )
+    try:
+        result = training_flow(
+            model=args.model,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            fraction=args.fraction,
+            width=args.width,
+            set_params=args.set_params,
+            promote=not args.no_promote,
+            config=args.config,
+        )
+    except StageFailed:
+        sys.exit(1)  # its message is the flow run's final log line, "Finished in state Failed"
     print(json.dumps(result, indent=2))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from imageclf.config import Params
-from imageclf.data import fashion_mnist
+from imageclf.data import elpv, fashion_mnist
 from imageclf.data.scan import build_imagefolder_dataset
 from imageclf.data.store import (
     Split,
@@ -47,6 +48,22 @@ def _write_fashion_mnist(
         )
 
 
+def _folder_source(params: Params, paths: ProjectPaths) -> tuple[Path, Any, dict[str, Any]]:
+    """(root, file listing or None for a train/test folder tree, provenance) of a file dataset."""
+    cfg = params.data
+    if cfg.name == "elpv":
+        root, classes, files = elpv.listing(cfg.elpv_task, cfg.test_fraction, params.seed)
+        source = {"name": "elpv", "task": cfg.elpv_task, "test_fraction": cfg.test_fraction}
+        source["package"] = f"{elpv.PACKAGE} {version(elpv.PACKAGE)}"
+        return root, (classes, files), source
+    if not cfg.imagefolder_root:
+        raise StageError(
+            "data.name is imagefolder but data.imagefolder_root is not set: point "
+            "it at a folder with train/<class>/ and test/<class>/ images."
+        )
+    return paths.resolve(cfg.imagefolder_root), None, {}
+
+
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Get the dataset named in params.data and write data/dataset (arrays + meta)."""
     cfg = params.data
@@ -75,12 +92,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             },
         )
     else:
-        if not cfg.imagefolder_root:
-            raise StageError(
-                "data.name is imagefolder but data.imagefolder_root is not set: point "
-                "it at a folder with train/<class>/ and test/<class>/ images."
-            )
-        root = paths.resolve(cfg.imagefolder_root)
+        root, listed, source = _folder_source(params, paths)
         meta = build_imagefolder_dataset(
             root,
             paths.dataset,
@@ -90,6 +102,8 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             seed=params.seed,
             on_bad_file=cfg.on_bad_file,
             ram_budget_mb=cfg.ram_budget_mb,
+            listed=listed,
+            source=source,
         )
         write_json(paths.imagefolder_source, {**meta["source"], "classes": meta["classes"]})
     report = {

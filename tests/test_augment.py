@@ -225,3 +225,20 @@ def test_memory_mapped_split_gives_the_same_batches_as_one_in_ram(tmp_path):
     from_disk = loader_epochs(mapped, 1, policy, epochs=1)[0]
     for (xa, ya), (xb, yb) in zip(in_ram, from_disk, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_square_symmetries_draw_every_orientation_and_keep_the_pixels():
+    """vflip and rot90 (solar cells, microscopy): each output is one of the eight symmetries of
+    its input, all eight occur, and without them none but the identity does."""
+    image = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4)
+    batch = image.repeat(400, 1, 1, 1)
+    symmetries = [torch.rot90(im, k, dims=(1, 2)) for im in (image[0], image[0].flip(2))
+                  for k in range(4)]  # fmt: skip
+    out = build_augmentation(["hflip", "vflip", "rot90"], 1, 4)(
+        batch, torch.Generator().manual_seed(0)
+    )
+    seen = [next(i for i, s in enumerate(symmetries) if torch.equal(o, s)) for o in out]
+    counts = np.bincount(seen, minlength=8)
+    assert (counts > 20).all(), counts  # each of the 8 about 50 times
+    same = build_augmentation([{"translate": 0}], 1, 4)(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(same, batch)

@@ -232,16 +232,35 @@ def test_bad_override_fails_before_anything_runs(prefect_api, in_repo):
     assert "Running stage" not in logs
 
 
-def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(prefect_api, in_repo):
+def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(
+    prefect_api, in_repo, capfd
+):
+    from pipelines.dvc_experiment import StageFailed
     from pipelines.training_flow import training_flow
 
     client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     versions = len(client.search_model_versions(f"name = '{MODEL}'"))
-    state = training_flow(set_params=["validate.min_images_per_class=1000"], return_state=True)
+    capfd.readouterr()
+    state = training_flow(
+        set_params=["validate.min_train_images_per_class=1000"], return_state=True
+    )
     assert state.is_failed()
+    # The flow run's state message is the stage's own message, and nothing else.
+    need = (
+        "c0: 30 train images, needs at least 1000 to be learned "
+        "(validate.min_train_images_per_class)"
+    )
+    assert state.message.startswith("stage validate failed: the dataset failed 1 of ")
+    assert need in state.message and "classes too small to learn or to test" in state.message
+    failure = state.result(raise_on_failure=False)
+    assert isinstance(failure, StageFailed) and str(failure) == state.message
     logs = flow_logs(state.state_details.flow_run_id, wait_for="workspace is kept")
-    assert "stage validate failed" in logs and "classes with too few images" in logs
-    assert "c0: 30 train images, fewer than validate.min_images_per_class (1000)" in logs
+    console = "".join(capfd.readouterr())
+    # Said once (the flow's final state), not again by the task, the flow and the exception;
+    # and without Great Expectations' progress bars.
+    for text in (logs, console, state.message):
+        assert text.count(need) == 1, text
+        assert "Calculating Metrics" not in text and "%|" not in text, text
     assert "workspace is kept" in logs
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions
     # validation never retries (download would, twice: dvc.yaml's meta.retries)

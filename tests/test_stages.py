@@ -243,3 +243,42 @@ def test_stage_cli_states_an_expected_failure_in_one_line(
     failed = [line for line in result.stderr.splitlines() if "failed:" in line]
     assert len(failed) == 1 and failed[0].startswith("stage buggy_stage failed: ")
     assert message in failed[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        ("stage_error", "stage buggy_stage failed: data.fraction leaves no image of class a"),
+        ("key_error", "stage buggy_stage crashed: KeyError: 'accuracy' (its traceback is in"),
+    ],
+)
+def test_a_failed_stage_run_by_dvc_is_one_message_said_once(
+    project, tmp_path, monkeypatch, failure, message
+):
+    """What the flow shows of a failed stage (any stage): its message, taken out of DVC's output
+    and not streamed to the log as well, so the flow states it once."""
+    from pipelines import dvc_experiment
+    from pipelines.dvc_experiment import StageFailed, Workspace, repro_stage
+
+    said = run_failing_stage(tmp_path, failure).stderr
+    (tmp_path / "said.txt").write_text(said)
+    fake = tmp_path / "dvc"  # prints what `dvc repro` prints around the stage's own output
+    fake.write_text(
+        "#!/bin/sh\necho \"Running stage 'buggy_stage':\"\necho '> bin/python -m buggy_stage'\n"
+        f"cat {tmp_path / 'said.txt'}\necho \"ERROR: failed to reproduce 'buggy_stage': failed "
+        'to run: bin/python -m buggy_stage, exited with 1"\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(dvc_experiment, "_dvc_bin", lambda: str(fake))
+    seen: list[str] = []
+    workspace = Workspace(project=tmp_path, root=tmp_path, name="x", baseline="0" * 40)
+    with pytest.raises(StageFailed) as err:
+        repro_stage(workspace, "buggy_stage", dict(os.environ), on_line=seen.append)
+    assert str(err.value).startswith(message) and "ERROR:" not in str(err.value)
+    assert "\n" not in str(err.value)
+    log = "\n".join(seen)
+    assert "Running stage 'buggy_stage'" in log
+    if failure == "stage_error":  # held back: the flow's state says it
+        assert "data.fraction" not in log and "ERROR: failed to reproduce" not in log
+    else:  # a bug's traceback stays in the log: it says where
+        assert "Traceback (most recent call last)" in log

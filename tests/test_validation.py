@@ -48,7 +48,7 @@ def test_good_dataset_passes_and_writes_data_docs(tmp_path):
 def test_bad_dataset_fails_with_each_problem_named(tmp_path):
     train, test = synthetic_split(10, seed=1), synthetic_split(3, seed=2)
     test.images[0] = train.images[0]  # leak between splits
-    train.labels[:6] = 0  # imbalance
+    train.labels[10:14] = 0  # imbalance (a: 14, b: 6): reported, never a failure
     train.labels[-1] = 7  # label outside the class set
     outcome = validate_dataset(make_dataset(train, test), CFG, tmp_path)
     assert not outcome.success
@@ -56,7 +56,9 @@ def test_bad_dataset_fails_with_each_problem_named(tmp_path):
     # Images without files are named by split and position, with their class.
     assert "train/test leakage" in text and "test[0] (a) is also in train" in text
     assert "train[0] (a)" in text
-    assert "class imbalance in train" in text and "d: 9 train images" in text
+    assert "imbalance" not in text
+    warned = "\n".join(outcome.warnings)
+    assert "class imbalance in train" in warned and "b: 6 train images" in warned
     assert "column='label'" in text and "7" in text
 
 

@@ -50,9 +50,9 @@ from imageclf.data.transforms import prepare_image
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 # Pillow's own limit: larger images are decompression bombs, refused before decoding pixels.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-# Side of the grey thumbnail kept per file: near-duplicate candidates from the hash are
+# Side of the grey thumbnail kept per file (4 KiB): near-duplicate candidates from the hash are
 # confirmed on it (a pHash alone ignores brightness and contrast).
-THUMB_SIDE = 16
+THUMB_SIDE = 64
 # Below this many files a pool costs more to start than it saves.
 _SERIAL_BELOW = 48
 
@@ -280,9 +280,14 @@ def build_imagefolder_dataset(
     ram_budget_mb: float,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    listed: tuple[list[str], dict[str, list[tuple[Path, int]]]] | None = None,
+    source: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Read ``root/{train,test}/<class>/*`` in one pass into the dataset folder ``dest``.
 
+    ``listed`` (class names, each split's (file, label) list, files under ``root``) replaces the
+    folder layout for datasets that come with a label file instead (:mod:`imageclf.data.elpv`);
+    ``source`` adds to the provenance recorded in the meta (its ``name`` names the dataset).
     Every listed file is decoded once (``fraction`` picks a stratified share of them first).
     Bad files are skipped and recorded (``on_bad_file="skip"``) or make this raise one error
     naming all of them (``"fail"``); either way ``dest`` is replaced only on success. Returns
@@ -292,12 +297,12 @@ def build_imagefolder_dataset(
 
     import pandas as pd
 
-    classes, listed = list_imagefolder(root)
+    classes, files = listed or list_imagefolder(root)
     tasks: list[FileTask] = []
     for split in ("train", "test"):
-        labels = np.asarray([label for _, label in listed[split]], dtype=np.int64)
+        labels = np.asarray([label for _, label in files[split]], dtype=np.int64)
         for i in stratified_fraction(labels, fraction, seed):
-            path, label = listed[split][i]
+            path, label = files[split][i]
             tasks.append(FileTask(str(path), split, label, size, channels, max_pixels))
     shape = (size, size, channels)
     on_disk = exceeds_budget(len(tasks), shape, ram_budget_mb)
@@ -347,10 +352,10 @@ def build_imagefolder_dataset(
             splits["train"],
             splits["test"],
             {
-                "name": "imagefolder",
+                "name": str((source or {}).get("name", "imagefolder")),
                 "classes": classes,
                 "fraction": fraction,
-                "source": {"imagefolder_root": str(root)},
+                "source": {"imagefolder_root": str(root), **(source or {})},
                 "skipped_files": skipped,
                 "quality": {
                     "files_scanned": len(rows),

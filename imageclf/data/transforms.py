@@ -1,8 +1,8 @@
 """Preprocessing shared by training, evaluation, export checks and serving, and the training
 augmentation policy.
 
-The model itself normalizes (see ``imageclf.models.zoo.Normalize``), so its input contract is simple:
-float32, shape (N, C, H, W), values in [0, 1]. Everything that feeds a model goes through
+The model itself normalizes (see ``imageclf.models.zoo.Normalize``), so its input contract is
+simple: float32, shape (N, C, H, W), values in [0, 1]. Everything that feeds a model goes through
 :func:`prepare_image` (one decoded image -> uint8 HWC array) and :func:`to_model_input`
 (uint8 NHWC batch -> that contract). One function each, imported by every caller.
 
@@ -87,6 +87,30 @@ def random_hflip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
     flip_mask = torch.rand(batch.shape[0], generator=generator) < 0.5
     return torch.where(flip_mask[:, None, None, None], batch.flip(3), batch)
+
+
+def random_vflip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Turn each image of an (N, C, H, W) batch upside down with probability 1/2."""
+    import torch
+
+    flip_mask = torch.rand(batch.shape[0], generator=generator) < 0.5
+    return torch.where(flip_mask[:, None, None, None], batch.flip(2), batch)
+
+
+def random_rot90(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each square image of an (N, C, H, W) batch by 0, 90, 180 or 270 degrees.
+
+    With ``hflip`` this draws from all eight symmetries of a square: what a defect on a solar
+    cell or a cell under a microscope looks like in any orientation."""
+    import torch
+
+    turns = torch.randint(0, 4, (batch.shape[0],), generator=generator)
+    out = batch.clone()
+    for k in (1, 2, 3):
+        chosen = turns == k
+        if chosen.any():
+            out[chosen] = torch.rot90(batch[chosen], k, dims=(2, 3))
+    return out
 
 
 def random_translate(batch: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
@@ -197,13 +221,21 @@ class _Translate:
         return random_translate(batch, generator, self.pad)
 
 
+# Steps with no parameter, vectorized over the batch.
+_BATCH_STEPS: dict[str, BatchStep] = {
+    "hflip": random_hflip,
+    "vflip": random_vflip,
+    "rot90": random_rot90,
+}
+
+
 class Augmentation:
     """A ``train.augment`` policy as a function of a uint8 (N, C, H, W) batch and a generator.
 
-    Steps run in the order the policy lists them. hflip and translate are batch-vectorized with
-    a decision per image (a Python loop over 28x28 images would cost more than the CNN's forward
-    pass); the torchvision.transforms.v2 steps run per image, meant for photos, in the loader's
-    worker processes. Shape, dtype and value range are kept.
+    Steps run in the order the policy lists them. Flips, rot90 and translate are batch-vectorized
+    with a decision per image (a Python loop over 28x28 images would cost more than the CNN's
+    forward pass); the torchvision.transforms.v2 steps run per image, meant for photos, in the
+    loader's worker processes. Shape, dtype and value range are kept.
     """
 
     def __init__(self, steps: Sequence[AugmentStep], channels: int, size: int) -> None:
@@ -216,12 +248,12 @@ class Augmentation:
                 raise ParamsError(
                     f"train.augment: unknown step {name!r}; known: {list(AUGMENTATIONS)}"
                 )
-            if name in ("hflip", "translate"):
+            if name in _BATCH_STEPS or name == "translate":
                 if pending:
                     self.stages.append(_PerImage(pending))
                     pending = []
-                if name == "hflip":
-                    self.stages.append(random_hflip)
+                if name in _BATCH_STEPS:
+                    self.stages.append(_BATCH_STEPS[name])
                 else:
                     if not (value >= 0 and float(value).is_integer()):
                         raise ParamsError(

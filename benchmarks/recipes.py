@@ -1,0 +1,222 @@
+"""Which transfer-learning recipe: candidates against a plain fine-tune, on data of different kinds.
+
+A recipe is a set of ``train.*``/``data.*`` overrides over ``configs/photos.yaml``. Every recipe
+trains on every dataset named, for every seed, in one invocation (the machine's speed varies
+between sessions, so only numbers from one invocation compare), through the project's own code:
+the download stage reads the data (the same scan, preprocessing and split as ``make photos``),
+``prepare_run`` + ``train_model`` train as the train stage does, and the test split scores it.
+
+The baseline is the plain fine-tune of issue 23: EfficientNet-Lite0 from ImageNet, every layer
+and its batch norm training, random shifts as the only augmentation, AdamW + OneCycle, label
+smoothing 0.1, batch 64, 8 epochs. Each other recipe changes one or a few of its choices, so the
+table says what each choice is worth on each kind of data.
+
+    python -m benchmarks.recipes --datasets elpv4 elpv2 --recipes baseline photos \\
+        --seeds 42 43 --out reports/recipes.jsonl
+    python -m benchmarks.recipes --table reports/recipes.jsonl   # the table of a finished run
+
+Results are appended to ``--out`` one JSON line per run as they finish (a long run that is
+stopped keeps what it measured, and ``--resume`` skips the runs already there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imageclf.config import (
+    Params,
+    apply_overrides,
+    load_overrides,
+    load_params,
+    parse_assignments,
+)
+from imageclf.data.store import Dataset, load_dataset
+from imageclf.evaluation.metrics import classification_report
+from imageclf.paths import ProjectPaths
+from imageclf.training.engine import predict_logits, set_threads, train_model
+from imageclf.training.spec import prepare_run
+from stages import download
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO / "configs" / "photos.yaml"
+
+# The datasets, as data.* overrides (a folder dataset takes its folder from --shift-folder).
+DATASETS: dict[str, dict[str, Any]] = {
+    "elpv4": {"data.name": "elpv", "data.elpv_task": "4class"},
+    "elpv2": {"data.name": "elpv", "data.elpv_task": "binary"},
+    "shift": {"data.name": "imagefolder"},
+    "fmnist_rgb": {"data.name": "fashion_mnist", "data.fraction": 0.05},
+}
+# The plain fine-tune every recipe is compared with.
+BASELINE: dict[str, Any] = {
+    "train.freeze_bn": False,
+    "train.freeze_epochs": 0,
+    "train.layer_lr_decay": 1.0,
+    "train.augment": [{"translate": 8}],
+    "train.lr": 0.002,
+    "train.label_smoothing": 0.1,
+    "train.epochs": 8,
+    "train.batch_size": 64,
+    "train.class_balance": "none",
+}
+# Candidates: overrides on top of the baseline ("photos": configs/photos.yaml unchanged).
+RECIPES: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "photos": {"__photos__": True},
+    "freeze_bn": {"train.freeze_bn": True},
+    "layer_lr_decay": {"train.layer_lr_decay": 0.7},
+    "head_epoch": {"train.freeze_epochs": 1},
+    "hflip": {"train.augment": ["hflip", {"translate": 8}]},
+    "rrc35": {"train.augment": [{"random_resized_crop": 0.35}]},
+    "rrc70": {"train.augment": [{"random_resized_crop": 0.7}]},
+    "weights": {"train.class_balance": "weights"},
+    "res128": {"data.image_size": 128},
+    "res160": {"data.image_size": 160},
+}
+
+
+def params_for(dataset: str, recipe: str, seed: int, shift_folder: Path | None) -> Params:
+    """params.yaml + configs/photos.yaml + the dataset's and the recipe's overrides."""
+    params = apply_overrides(load_params(ProjectPaths(REPO).params), load_overrides(PHOTOS))
+    overrides: dict[str, Any] = {"seed": seed, "train.threads": 0, **DATASETS[dataset]}
+    if dataset == "shift":
+        if shift_folder is None:
+            raise SystemExit("the shift dataset needs --shift-folder (benchmarks.shift_folder)")
+        overrides["data.imagefolder_root"] = str(shift_folder)
+    changes = RECIPES[recipe]
+    if not changes.get("__photos__"):
+        overrides |= BASELINE | changes
+    return apply_overrides(params, overrides)
+
+
+def read_data(params: Params, cache: dict[tuple, Dataset], workdir: Path) -> Dataset:
+    """The dataset through the download stage, once per (source, size, seed)."""
+    cfg = params.data
+    key = (cfg.name, cfg.elpv_task, cfg.imagefolder_root, cfg.image_size, cfg.fraction, params.seed)
+    if key not in cache:
+        paths = ProjectPaths(workdir / f"data{len(cache)}")
+        paths.root.mkdir(parents=True, exist_ok=True)
+        download.run(params, paths)
+        cache[key] = load_dataset(paths.dataset)
+    return cache[key]
+
+
+def train_and_score(dataset: Dataset, params: Params) -> dict[str, Any]:
+    """Train as the train stage does; test accuracy, balanced accuracy, per-class recall."""
+    prepared = prepare_run(params, dataset, ProjectPaths(REPO))
+    history = train_model(
+        prepared.model,
+        prepared.train,
+        prepared.val,
+        params.train,
+        seed=params.seed,
+        progress=False,
+    )
+    logits = predict_logits(prepared.model, dataset.test.images, batch_size=128)
+    report = classification_report(dataset.test.labels, logits.argmax(1).numpy(), dataset.classes)
+    return {
+        "test_accuracy": round(report["test_accuracy"], 4),
+        "balanced_accuracy": round(report["balanced_accuracy"], 4),
+        "recall": {k: round(v["recall"], 4) for k, v in report["per_class"].items()},
+        "epochs": len(history.epochs),
+        "train_images": len(prepared.train),
+        "seconds": round(history.seconds, 1),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per recipe, one column per dataset (mean over seeds, ± half the
+    spread when several), each recipe's difference from the baseline, and the mean over datasets."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    cell: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        cell.setdefault((r["recipe"], r["dataset"]), []).append(r["test_accuracy"])
+    base = {d: np.mean(cell[("baseline", d)]) for d in datasets if ("baseline", d) in cell}
+    lines = [
+        "| recipe | " + " | ".join(datasets) + " | mean Δ vs baseline |",
+        "|---|" + "---:|" * (len(datasets) + 1),
+    ]
+    for recipe in recipes:
+        parts, deltas = [], []
+        for d in datasets:
+            acc = cell.get((recipe, d))
+            if not acc:
+                parts.append("")
+                continue
+            mean = float(np.mean(acc))
+            text = f"{mean:.1%}" + (f" ±{(max(acc) - min(acc)) / 2:.1%}" if len(acc) > 1 else "")
+            if d in base and recipe != "baseline":
+                deltas.append(mean - base[d])
+                text += f" ({mean - base[d]:+.1%})"
+            parts.append(text)
+        mean_delta = f"{np.mean(deltas):+.2%}" if deltas else ""
+        lines.append(f"| {recipe} | " + " | ".join(parts) + f" | {mean_delta} |")
+    return "\n".join(lines)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--recipes", nargs="+", default=["baseline", "photos"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--shift-folder", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE for every run")
+    parser.add_argument("--out", type=Path, default=Path("reports/recipes.jsonl"))
+    parser.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--table", type=Path, default=None, help="print the table of a JSONL")
+    args = parser.parse_args()
+    if args.table:
+        print(table(read_rows(args.table)))
+        return
+    unknown = set(args.recipes) - set(RECIPES)
+    if unknown:
+        parser.error(f"unknown recipes {sorted(unknown)}; known: {sorted(RECIPES)}")
+    logging.basicConfig(level=logging.WARNING)
+    set_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    extra = parse_assignments(args.set)
+    done = read_rows(args.out) if args.resume and args.out.is_file() else []
+    seen = {(r["dataset"], r["recipe"], r["seed"]) for r in done}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cache: dict[tuple, Dataset] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in args.datasets:
+            for recipe in args.recipes:
+                for seed in args.seeds:
+                    if (dataset, recipe, seed) in seen:
+                        continue
+                    params = apply_overrides(
+                        params_for(dataset, recipe, seed, args.shift_folder), extra
+                    )
+                    # One split for every seed: seeds vary the training, not the test images.
+                    data = read_data(
+                        apply_overrides(params, {"seed": args.seeds[0]}), cache, Path(tmp)
+                    )
+                    started = time.perf_counter()
+                    row = {"dataset": dataset, "recipe": recipe, "seed": seed}
+                    row |= {"size": params.data.image_size, **train_and_score(data, params)}
+                    row["wall_seconds"] = round(time.perf_counter() - started, 1)
+                    print(json.dumps(row), flush=True)
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    done.append(row)
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()

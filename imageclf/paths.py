@@ -271,6 +271,16 @@ class ProjectPaths:
         return self.reports / "run_origin.json"
 
     @property
+    def lr_find_report(self) -> Path:
+        """The LR finder's curve and suggested train.lr (python -m tools.lr_find)."""
+        return self.reports / "lr_find.json"
+
+    @property
+    def lr_find_plot(self) -> Path:
+        """Loss against learning rate, the suggestion marked (python -m tools.lr_find)."""
+        return self.reports / "lr_find.png"
+
+    @property
     def monitoring_reports(self) -> Path:
         return self.reports / "monitoring"
 

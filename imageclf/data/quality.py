@@ -8,18 +8,22 @@ when the file is fine), and one row per class and split with its count and share
 text names the file, its class and the other files involved, so a failed expectation says what
 is wrong instead of "211 rows failed".
 
-Near duplicates: two images whose 64-bit pHashes differ in at most :data:`NEAR_HAMMING` bits
-(the candidates) and whose 64×64 grey thumbnails, made zero-mean and unit-variance (brightness
-and contrast do not count) and aligned for crops of up to :data:`NEAR_MAX_CROP` per side,
-correlate at least :data:`NEAR_MIN_CORRELATION`. Exact duplicates (same pixel SHA-1) are found
-apart from this. Measured (``python -m benchmarks.near_duplicates``, docs/near-duplicates.md):
-among ELPV's 2,624 different solar cells the old rule (pHash within 10 bits and
-16×16 thumbnails within 12 grey levels) flagged 4,597 pairs and this one 0; among 5,000
-Fashion-MNIST images 2,421 and 1. Neighbouring cells of one ELPV module correlate up to 0.998
-(same busbars, same process marks), hence the strict threshold. Copies found: JPEG q50 98% and
-half size 100% of ELPV cells and of scikit-image's photos, brightness ±10% 95-100%, a re-saved
-PNG 100%. Not found: most 2.5-5% crops (the aligned correlation of a crop is 0.95-0.99, below
-that of different neighbouring cells), and JPEG q50 or halved copies of 28×28 images.
+Near duplicates: each image is compared with its :data:`NEAR_NEIGHBOURS` nearest others by a
+16×16 key of its 64×64 grey thumbnail, one of them cropped in a few ways (:func:`candidate_pairs`),
+and with the images whose pHash is within :data:`NEAR_HAMMING` bits. A candidate whose keys
+correlate at least :data:`NEAR_MIN_KEY` is aligned for crops of up to :data:`NEAR_MAX_CROP` per
+side to a fraction of a pixel, both thumbnails blurred by :data:`NEAR_BLUR` pixels and made
+zero-mean and unit-variance (brightness and contrast do not count); it is a near duplicate when
+they correlate at least :data:`NEAR_MIN_CORRELATION`. Exact duplicates (same pixel SHA-1) are
+found apart from this. Measured (``python -m benchmarks.near_duplicates``,
+docs/near-duplicates.md): among ELPV's 2,624 different solar cells the old rule (pHash within 10
+bits and 16×16 thumbnails within 12 grey levels) flagged 4,597 pairs and this one 0. The
+closest different cells, neighbours of one module or poly cells cut from one ingot (same grain),
+correlate up to 0.9982 so measured, hence the strict threshold; a JPEG q50, half-size, 5%-crop
+or ±10%-brightness copy of a cell or a photo is found 96-100% of the time. Not found: crops
+between the tried ones (2% left and 3% bottom: a few percent) and half-size copies of 28×28
+images (Fashion-MNIST: enlarged from 14 pixels, the copy's thumbnail is far blurrier than its
+original's, and a blur that evened this out would join similar garments too).
 """
 
 from __future__ import annotations
@@ -35,14 +39,38 @@ import pandas as pd
 from imageclf.data.store import FILE_TABLE, FILE_THUMBS, Dataset
 
 NEAR_HAMMING = 12
-# Candidates closer than NEAR_HAMMING are near duplicates when their grey thumbnails, aligned for
-# crops, correlate at least this much (see the module docstring for the measurements).
-NEAR_MIN_CORRELATION = 0.999
-# Candidates must correlate this much before alignment is tried (it is the expensive part).
-NEAR_MIN_PROFILE = 0.99
+# Each image is compared with this many nearest others (and its pHash candidates).
+NEAR_NEIGHBOURS = 8
+# Candidates are near duplicates when their aligned, blurred thumbnails correlate this much
+# (see the module docstring and docs/near-duplicates.md for the measurements).
+NEAR_MIN_CORRELATION = 0.9985
+# Candidates are aligned only when their keys (:func:`_keys`) correlate this much: every
+# JPEG q50, half-size, 5%-crop and brightness copy measured is above 0.982.
+NEAR_MIN_KEY = 0.98
+# Gaussian blur (sigma, in pixels of the 64-pixel thumbnail) before the comparison.
+NEAR_BLUR = 2.0
 NEAR_MAX_CROP = 0.06
 NEAR_CROP_STEP = 0.015
-_PROFILE_SIDE = 24
+_FINE_STEP = 0.003
+_PROFILE_SIDE = 32
+_EDGE = 2
+_KEY_SIDE = 16
+# Crops (left, right, top, bottom) tried on one image of each pair when looking for candidates:
+# a crop within about 1% of one of these is found (measured: 5% left, top, both, 2.5% and 4% each
+# side 95-100%; 2% left and 3% bottom 3%, between these it falls below NEAR_MIN_KEY).
+_VIRTUAL_CROPS = (
+    (0.0, 0.0, 0.0, 0.0),
+    (0.05, 0.0, 0.0, 0.0),
+    (0.0, 0.05, 0.0, 0.0),
+    (0.0, 0.0, 0.05, 0.0),
+    (0.0, 0.0, 0.0, 0.05),
+    (0.025, 0.025, 0.025, 0.025),
+    (0.05, 0.0, 0.05, 0.0),
+    (0.0, 0.05, 0.05, 0.0),
+    (0.05, 0.0, 0.0, 0.05),
+    (0.0, 0.05, 0.0, 0.05),
+    (0.04, 0.04, 0.04, 0.04),
+)
 # Text columns of the per-file table, each one kind of problem; the first ones fail the gate.
 PROBLEM_COLUMNS = (
     "label_conflict",
@@ -140,8 +168,10 @@ def _interpolation(lo: np.ndarray, hi: np.ndarray, n_out: int, n_in: int) -> np.
     w = (x - i0).astype(np.float32)
     m = np.zeros((len(lo), n_out, n_in), dtype=np.float32)
     k, j = np.indices(i0.shape)
-    np.add.at(m, (k, j, i0), 1 - w)
-    np.add.at(m, (k, j, i1), w)
+    # Each (k, j) has one i0 and one i1 (equal only at the clipped end, where w is 0): no
+    # repeated index within one assignment, so plain fancy indexing is exact (np.add.at is slow).
+    m[k, j, i1] = w
+    m[k, j, i0] += 1 - w
     return m
 
 
@@ -158,61 +188,146 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-_OFFSETS = np.round(np.arange(-NEAR_MAX_CROP, NEAR_MAX_CROP + 1e-9, NEAR_CROP_STEP), 6)
-# Every window of the search, on one axis: the second image shows [x0, x1] of the first.
-_WINDOWS = np.array([(a, 1.0 + b) for a in _OFFSETS for b in _OFFSETS])
+def _windows(step: float, span: float) -> np.ndarray:
+    """(k, 2) windows ``[x0, x1]`` moving each end of an axis by up to ``span``, by ``step``."""
+    offsets = np.round(np.arange(-span, span + 1e-9, step), 6)
+    return np.array([(a, 1.0 + b) for a in offsets for b in offsets])
+
+
+_COARSE = _windows(NEAR_CROP_STEP, NEAR_MAX_CROP)
+# Refinement around the coarse window: a 1.5% step is a pixel of a 64-pixel thumbnail, and
+# a pixel of misalignment costs busbars and grain more correlation than a JPEG q50 copy does.
+_FINE = _windows(_FINE_STEP, NEAR_CROP_STEP * 0.6) - np.array([0.0, 1.0])
+
+
+def _profile_scores(pa: np.ndarray, pb: np.ndarray, windows: np.ndarray, side: int) -> np.ndarray:
+    """(n, k) correlations of profiles ``pa[i]`` and ``pb[i]`` over the common part of each of
+    pair i's ``windows[i]`` (n, k, 2), each part resampled to ``side`` points."""
+    lo, hi, blo, bhi = _spans(windows[..., 0], windows[..., 1])
+    ra, rb = _sample(pa, lo, hi, side), _sample(pb, blo, bhi, side)
+    return np.einsum("nkj,nkj->nk", _unit(ra), _unit(rb))
+
+
+def _sample(p: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_out: int) -> np.ndarray:
+    """(n, k, n_out) linear samples of profiles ``p`` (n, m) over the spans ``[lo, hi]`` (n or
+    1, k): what :func:`_interpolation` does, by indexing (no matrix per window)."""
+    m = p.shape[1]
+    lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+    u = lo[..., None] + (np.arange(n_out, dtype=np.float32) + 0.5) / n_out * (hi - lo)[..., None]
+    x = np.clip(u * m - 0.5, 0, m - 1)
+    i0 = np.floor(x).astype(np.int64)
+    w = (x - i0).astype(np.float32)
+    flat, at = p.ravel(), np.arange(len(p))[:, None, None] * m + i0  # np.take: fast gathers
+    return flat.take(at) * (1 - w) + flat.take(np.minimum(at + 1, at - i0 + m - 1)) * w
+
+
+def _align_axis(pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
+    """(n, 2) window ``[x0, x1]`` of ``pa``'s axis that ``pb`` shows, from the profiles: the
+    best of a coarse grid (:data:`NEAR_CROP_STEP`), then of a fine one around it."""
+    n = len(pa)
+    coarse = _profile_scores(pa, pb, _COARSE[None], _PROFILE_SIDE)
+    fine = _COARSE[coarse.argmax(axis=1)][:, None, :] + _FINE[None]
+    return fine[np.arange(n), _profile_scores(pa, pb, fine, pa.shape[1]).argmax(axis=1)]
+
+
+def _resample(a: np.ndarray, wx: np.ndarray | None, wy: np.ndarray | None) -> np.ndarray:
+    """Thumbnails ``a`` (n, side, side) resampled to the x and y spans (n, 2) given (or kept)."""
+    side = a.shape[1]
+    if wy is not None:
+        a = _interpolation(wy[:, 0], wy[:, 1], side, side) @ a
+    if wx is not None:
+        a = a @ _interpolation(wx[:, 0], wx[:, 1], side, side).transpose(0, 2, 1)
+    return a
+
+
+def _align(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The common part of each pair, on each image: x and y spans (n, 2) of ``a`` and ``b``.
+
+    Each axis is aligned from row or column means; then x again on the rows the pair shares
+    and y on the columns it shares (a crop at the top changes the column means of a cell with
+    cut corners, enough to misplace x by a pixel otherwise).
+    """
+    wx, wy = (
+        _align_axis(a.mean(axis=1), b.mean(axis=1)),
+        _align_axis(a.mean(axis=2), b.mean(axis=2)),
+    )
+    ly, hy, bly, bhy = _spans(wy[:, 0], wy[:, 1])
+    ya, yb = np.stack([ly, hy], 1), np.stack([bly, bhy], 1)
+    wx = _align_axis(_resample(a, None, ya).mean(axis=1), _resample(b, None, yb).mean(axis=1))
+    lx, hx, blx, bhx = _spans(wx[:, 0], wx[:, 1])
+    xa, xb = np.stack([lx, hx], 1), np.stack([blx, bhx], 1)
+    wy = _align_axis(_resample(a, xa, None).mean(axis=2), _resample(b, xb, None).mean(axis=2))
+    ly, hy, bly, bhy = _spans(wy[:, 0], wy[:, 1])
+    return xa, np.stack([ly, hy], 1), xb, np.stack([bly, bhy], 1)
+
+
+def _blur_matrix(side: int, sigma: float) -> np.ndarray:
+    """(side, side) Gaussian blur along one axis, rows summing to 1 (edges renormalised)."""
+    d = np.arange(side)[:, None] - np.arange(side)[None, :]
+    g = np.exp(-0.5 * (d / sigma) ** 2)
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def thumb_correlation(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """The best correlation of grey thumbnails ``first[i]`` and ``second[i]`` over small crops.
+    """Correlation of grey thumbnails ``first[i]`` and ``second[i]`` once aligned and blurred.
 
-    Each axis is aligned on its own from the pair's row and column means (a crop of up to
-    :data:`NEAR_MAX_CROP` of the side, on either side, of either image, in steps of
-    :data:`NEAR_CROP_STEP`); the common part of both thumbnails is then resampled and
-    compared whole. Returns the larger of that and the plain, unaligned correlation.
+    The pair is aligned for crops of up to :data:`NEAR_MAX_CROP` per side (to a fraction of a
+    pixel, :func:`_align`), the common part of each resampled to the full side, both blurred
+    by :data:`NEAR_BLUR` pixels (JPEG blocks, resampling and the last bit of misalignment are
+    finer than that; the busbars, marks and grain that tell ELPV's cells apart are not) and
+    compared whole, edges left out, zero-mean and unit-variance.
     """
-    a = first.astype(np.float32)
-    b = second.astype(np.float32)
-    n, side = a.shape[0], a.shape[1]
-    plain = np.einsum("ij,ij->i", _unit(a.reshape(n, -1)), _unit(b.reshape(n, -1)))
-    lo, hi, blo, bhi = _spans(_WINDOWS[:, 0], _WINDOWS[:, 1])
-    short = _PROFILE_SIDE
-    grid_a = _interpolation(lo, hi, short, side).reshape(-1, side)
-    grid_b = _interpolation(blo, bhi, short, side).reshape(-1, side)
-    best, score = [], np.ones(n, dtype=np.float32)
-    for axis in (1, 2):  # column means align x, row means align y
-        pa = (a.mean(axis=axis) @ grid_a.T).reshape(n, len(_WINDOWS), short)
-        pb = (b.mean(axis=axis) @ grid_b.T).reshape(n, len(_WINDOWS), short)
-        scores = np.einsum("nkj,nkj->nk", _unit(pa), _unit(pb))
-        best.append(scores.argmax(axis=1))
-        score = np.minimum(score, scores.max(axis=1))
-    # Only pairs whose row and column means match after alignment are worth resampling.
-    todo = np.flatnonzero((plain < NEAR_MIN_CORRELATION) & (score >= NEAR_MIN_PROFILE))
-    aligned = np.full(n, -1.0, dtype=np.float32)
-    if len(todo):
-        kx, ky = best[0][todo], best[1][todo]
-        lx, hx, blx, bhx = _spans(_WINDOWS[kx, 0], _WINDOWS[kx, 1])
-        ly, hy, bly, bhy = _spans(_WINDOWS[ky, 0], _WINDOWS[ky, 1])
-        wa = _interpolation(ly, hy, side, side) @ a[todo]
-        wa = wa @ _interpolation(lx, hx, side, side).transpose(0, 2, 1)
-        wb = _interpolation(bly, bhy, side, side) @ b[todo]
-        wb = wb @ _interpolation(blx, bhx, side, side).transpose(0, 2, 1)
-        m = len(todo)
-        aligned[todo] = np.einsum("ij,ij->i", _unit(wa.reshape(m, -1)), _unit(wb.reshape(m, -1)))
-    return np.maximum(plain, aligned)
+    a, b = first.astype(np.float32), second.astype(np.float32)
+    n, side = a.shape[:2]
+    xa, ya, xb, yb = _align(a, b)
+    g = _blur_matrix(side, NEAR_BLUR)
+    m = _EDGE
+    wa = (g @ _resample(a, xa, ya) @ g.T)[:, m:-m, m:-m].reshape(n, -1)
+    wb = (g @ _resample(b, xb, yb) @ g.T)[:, m:-m, m:-m].reshape(n, -1)
+    return np.einsum("ij,ij->i", _unit(wa), _unit(wb))
 
 
-def near_duplicate_pairs(hashes: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
-    """(k, 2) index pairs of near duplicates among 64-bit ``hashes`` with grey ``thumbs``.
+def _keys(thumbs: np.ndarray, crop: tuple[float, float, float, float]) -> np.ndarray:
+    """(n, KEY²) unit vectors of the ``crop`` (left, right, top, bottom fractions) of each
+    thumbnail, as :data:`_KEY_SIDE`² block means (coarse: a few pixels of shift do not count)."""
+    n, side = thumbs.shape[:2]
+    left, right, top, bottom = crop
+    wx = np.broadcast_to([left, 1.0 - right], (n, 2))
+    wy = np.broadcast_to([top, 1.0 - bottom], (n, 2))
+    a = _resample(thumbs.astype(np.float32), wx, wy)
+    f = side // _KEY_SIDE
+    return _unit(a.reshape(n, _KEY_SIDE, f, _KEY_SIDE, f).mean(axis=(2, 4)).reshape(n, -1))
 
-    Candidates come from banding: two hashes at most :data:`NEAR_HAMMING` bits apart agree
-    exactly on at least one of ``NEAR_HAMMING + 1`` bands (pigeonhole), so only images sharing
-    a band value are compared, not all N² pairs. A candidate is a near duplicate when
-    :func:`thumb_correlation` is at least :data:`NEAR_MIN_CORRELATION`.
+
+def candidate_pairs(thumbs: np.ndarray, k: int = NEAR_NEIGHBOURS) -> np.ndarray:
+    """(m, 2) sorted index pairs: each image with its ``k`` nearest others, exactly (chunked
+    matrix products: 11 N² comparisons of 256-long keys; 3 s for ELPV's 2,624 images on two
+    busy cores, and N² grows: 100,000 images would take tens of minutes).
+
+    Nearest by the best cosine over :data:`_VIRTUAL_CROPS` of one image against the other
+    whole: a crop of a cell shifts its busbars and moves its borders, which puts its original
+    behind hundreds of other cells of the same layout in a plain comparison (and a pHash: only
+    64-72% of 5% crops are within 10 bits of their original).
     """
+    n = len(thumbs)
+    base = _keys(thumbs, (0.0, 0.0, 0.0, 0.0))
+    crops = [_keys(thumbs, c) for c in _VIRTUAL_CROPS]
+    k = min(k, n - 1)
+    found = []
+    for start in range(0, n, 512):
+        rows = np.arange(start, min(start + 512, n))
+        scores = np.max([c[rows] @ base.T for c in crops], axis=0)
+        scores[np.arange(len(rows)), rows] = -np.inf
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        found.append(np.stack([np.repeat(rows, k), top.ravel()], axis=1))
+    pairs = np.sort(np.concatenate(found), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def _hash_candidates(hashes: np.ndarray) -> np.ndarray:
+    """(m, 2) pairs of 64-bit hashes at most :data:`NEAR_HAMMING` bits apart, by banding: such
+    hashes agree exactly on one of ``NEAR_HAMMING + 1`` bands (pigeonhole)."""
     n = len(hashes)
-    if n < 2:
-        return np.zeros((0, 2), dtype=np.int64)
     bands = NEAR_HAMMING + 1
     width = -(-64 // bands)
     found: set[tuple[int, int]] = set()
@@ -230,11 +345,36 @@ def near_duplicate_pairs(hashes: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
             low, high = np.minimum(a, c)[close], np.maximum(a, c)[close]
             found.update(zip(low.tolist(), high.tolist(), strict=True))
             offset += 1
-    candidates = np.asarray(sorted(found), dtype=np.int64).reshape(-1, 2)
+    return np.asarray(sorted(found), dtype=np.int64).reshape(-1, 2)
+
+
+def near_duplicate_pairs(hashes: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
+    """(k, 2) index pairs of near duplicates among images with 64-bit ``hashes`` and grey
+    ``thumbs``.
+
+    Candidates: each image's :data:`NEAR_NEIGHBOURS` nearest thumbnails
+    (:func:`candidate_pairs`, which finds crops) and pHashes within :data:`NEAR_HAMMING` bits.
+    Those whose keys correlate at least :data:`NEAR_MIN_KEY` are near duplicates when
+    :func:`thumb_correlation` is at least
+    :data:`NEAR_MIN_CORRELATION`.
+    """
+    if len(hashes) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    both = np.concatenate([candidate_pairs(thumbs), _hash_candidates(hashes)])
+    candidates = np.unique(both, axis=0)
+    # The alignment is the costly part (about 10 ms a pair): only close keys are worth it.
+    keys = [_keys(thumbs, c) for c in _VIRTUAL_CROPS]
+    i, j = candidates[:, 0], candidates[:, 1]
+    close = np.max(
+        [(c[i] * keys[0][j]).sum(axis=1) for c in keys]
+        + [(c[j] * keys[0][i]).sum(axis=1) for c in keys],
+        axis=0,
+    )
+    candidates = candidates[close >= NEAR_MIN_KEY]
     keep = np.zeros(len(candidates), dtype=bool)
-    for start in range(0, len(candidates), 1024):
-        chunk = candidates[start : start + 1024]
-        keep[start : start + 1024] = (
+    for start in range(0, len(candidates), 512):
+        chunk = candidates[start : start + 512]
+        keep[start : start + 512] = (
             thumb_correlation(thumbs[chunk[:, 0]], thumbs[chunk[:, 1]]) >= NEAR_MIN_CORRELATION
         )
     return candidates[keep]

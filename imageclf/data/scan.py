@@ -50,8 +50,9 @@ from imageclf.data.transforms import prepare_image
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 # Pillow's own limit: larger images are decompression bombs, refused before decoding pixels.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-# Side of the grey thumbnail kept per file (4 KiB): near-duplicate candidates from the hash are
-# confirmed on it (a pHash alone ignores brightness and contrast).
+# Side of the grey thumbnail kept per file (4 KiB): near duplicates are looked for and confirmed
+# on it (imageclf.data.quality: aligned for crops, then blurred by 2 of its pixels; at 64 pixels
+# the marks and grain that tell ELPV's neighbouring cells apart still show).
 THUMB_SIDE = 64
 # Below this many files a pool costs more to start than it saves.
 _SERIAL_BELOW = 48

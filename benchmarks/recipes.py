@@ -68,10 +68,13 @@ BASELINE: dict[str, Any] = {
     "train.batch_size": 64,
     "train.class_balance": "none",
 }
-# Candidates: overrides on top of the baseline ("photos": configs/photos.yaml unchanged).
+# Candidates: overrides on top of the baseline, or a shipped configuration file unchanged
+# ("__config__", applied over configs/photos.yaml; the dataset's data.* overrides still apply).
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {},
-    "photos": {"__photos__": True},
+    "photos": {"__config__": "configs/photos.yaml"},
+    "elpv_config": {"__config__": "configs/elpv.yaml"},
+    "dihedral": {"train.augment": ["hflip", "vflip", "rot90", {"translate": 8}]},
     "freeze_bn": {"train.freeze_bn": True},
     "layer_lr_decay": {"train.layer_lr_decay": 0.7},
     "head_epoch": {"train.freeze_epochs": 1},
@@ -79,21 +82,35 @@ RECIPES: dict[str, dict[str, Any]] = {
     "rrc35": {"train.augment": [{"random_resized_crop": 0.35}]},
     "rrc70": {"train.augment": [{"random_resized_crop": 0.7}]},
     "weights": {"train.class_balance": "weights"},
+    "sqrt_weights": {"train.class_balance": "weights", "train.class_weight_power": 0.5},
     "res128": {"data.image_size": 128},
     "res160": {"data.image_size": 160},
+    # ELPV's candidates: the cell's eight orientations, more pixels, longer.
+    "cells128": {
+        "data.image_size": 128,
+        "train.epochs": 12,
+        "train.augment": ["hflip", "vflip", "rot90", {"translate": 8}],
+    },
+    "cells160": {
+        "data.image_size": 160,
+        "train.epochs": 16,
+        "train.augment": ["hflip", "vflip", "rot90", {"translate": 10}],
+    },
 }
 
 
 def params_for(dataset: str, recipe: str, seed: int, shift_folder: Path | None) -> Params:
     """params.yaml + configs/photos.yaml + the dataset's and the recipe's overrides."""
     params = apply_overrides(load_params(ProjectPaths(REPO).params), load_overrides(PHOTOS))
+    changes = RECIPES[recipe]
+    if "__config__" in changes:
+        params = apply_overrides(params, load_overrides(REPO / changes["__config__"]))
     overrides: dict[str, Any] = {"seed": seed, "train.threads": 0, **DATASETS[dataset]}
     if dataset == "shift":
         if shift_folder is None:
             raise SystemExit("the shift dataset needs --shift-folder (benchmarks.shift_folder)")
         overrides["data.imagefolder_root"] = str(shift_folder)
-    changes = RECIPES[recipe]
-    if not changes.get("__photos__"):
+    if "__config__" not in changes:
         overrides |= BASELINE | changes
     return apply_overrides(params, overrides)
 

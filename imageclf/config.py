@@ -136,6 +136,9 @@ class TrainParams(_Section):
     # Imbalanced classes: "weights" weighs the loss by inverse class frequency, "sampler" draws
     # batches with a weighted sampler; "none" trains on the data as it is.
     class_balance: Literal["none", "weights", "sampler"]
+    # weights: inverse class frequency to this power (1: full correction; 0.5: its square root,
+    # which keeps more plain accuracy on imbalanced data: docs/recipes.md).
+    class_weight_power: float = Field(gt=0.0, le=1.0)
     threads: int = Field(ge=0)
     # Cap on optimizer steps over the whole run (the LR schedule is sized to it); None: no cap.
     max_steps: int | None = Field(ge=1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from imageclf.data.loaders import class_weights, make_loader
+from imageclf.data.loaders import class_weights, loss_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.models.zoo import build_model
 from imageclf.training.engine import train_model
@@ -30,6 +30,19 @@ def test_weights_are_inverse_frequencies_with_mean_one():
     # Each class then weighs the same in the loss, however many images it has.
     counts = np.bincount(labels, minlength=4)
     assert np.allclose((counts * weights)[:3], (counts * weights)[0])
+
+
+def test_square_root_weights_correct_half_as_hard():
+    """class_weight_power 0.5 (configs/photos.yaml): the rare class's weight over the common
+    one's is the square root of the full correction's; balanced labels give all ones."""
+    labels = np.array([0] * 90 + [1] * 10)
+    full, half = class_weights(labels, 2), class_weights(labels, 2, power=0.5)
+    assert float(full[1] / full[0]) == pytest.approx(9.0)
+    assert float(half[1] / half[0]) == pytest.approx(3.0)
+    assert float(half.mean()) == pytest.approx(1.0)
+    cfg = tiny_params(train={"class_balance": "weights", "class_weight_power": 0.5}).train
+    assert torch.equal(loss_weights(cfg, np.array([0, 1, 2, 0, 1, 2]), 3), torch.ones(3))
+    assert loss_weights(tiny_params().train, labels, 2) is None  # class_balance: none
 
 
 def test_weights_refuse_labels_outside_the_classes():

@@ -135,19 +135,30 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(labels, minlength=num_classes)
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse class frequencies normalised to mean 1 over the classes present (a class with no
-    images gets 0: it is never a target), for ``CrossEntropyLoss(weight=...)``.
+def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Inverse class frequencies to ``power``, normalised to mean 1 over the classes present (a
+    class with no images gets 0: it is never a target), for ``CrossEntropyLoss(weight=...)``.
 
-    Each class then contributes the same total to the loss, and the loss keeps its usual scale
-    (so the learning rate tuned without weights still fits)."""
+    At power 1 each class contributes the same total to the loss; 0.5 (the square root) corrects
+    half as hard, trading less plain accuracy for balanced accuracy (docs/recipes.md). The loss
+    keeps its usual scale (so the learning rate tuned without weights still fits)."""
     counts = class_counts(labels, num_classes)
     present = counts > 0
     inverse = np.zeros(num_classes, dtype=np.float64)
-    inverse[present] = 1.0 / counts[present]
+    inverse[present] = 1.0 / counts[present].astype(np.float64) ** power
     if present.any():
         inverse /= inverse[present].mean()
     return torch.tensor(inverse, dtype=torch.float32)
+
+
+def loss_weights(
+    cfg: Any, labels: np.ndarray, num_classes: int, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """The loss's class weights under ``train.class_balance`` (and its power), or None: one rule
+    for the train loop, the Lightning adapter, the profiler and the LR finder."""
+    if cfg.class_balance != "weights":
+        return None
+    return class_weights(labels, num_classes, cfg.class_weight_power).to(device)
 
 
 def balanced_sampler(labels: np.ndarray, seed: int) -> WeightedRandomSampler:

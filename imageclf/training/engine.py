@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from imageclf.config import TrainParams
-from imageclf.data.loaders import LoaderSettings, class_weights, make_loader
+from imageclf.data.loaders import LoaderSettings, loss_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.data.transforms import to_model_input
 from imageclf.models.zoo import FlipTTA, split_head
@@ -427,9 +427,7 @@ def train_model(
     optimizer = make_optimizer(model, cfg, plan)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     criterion = nn.CrossEntropyLoss(
-        weight=class_weights(train.labels, split_head(model)[1].out_features).to(device)
-        if cfg.class_balance == "weights"
-        else None,
+        weight=loss_weights(cfg, train.labels, split_head(model)[1].out_features, device),
         label_smoothing=cfg.label_smoothing,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

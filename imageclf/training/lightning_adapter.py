@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from imageclf.config import Params, TrainParams
-from imageclf.data.loaders import LoaderSettings, class_weights, load_loader_settings, make_loader
+from imageclf.data.loaders import LoaderSettings, load_loader_settings, loss_weights, make_loader
 from imageclf.data.store import Dataset, Split, load_dataset, split_train_val
 from imageclf.models.checkpoint import save_checkpoint
 from imageclf.models.zoo import split_head
@@ -204,11 +204,7 @@ def fit(
     batches = len(data.train_dataloader())
     total_steps = optimizer_steps(batches, cfg)
     num_classes = split_head(model)[1].out_features
-    weight = (
-        class_weights(data.train_split.labels, num_classes)
-        if cfg.class_balance == "weights"
-        else None
-    )
+    weight = loss_weights(cfg, data.train_split.labels, num_classes)
     module = ImageClassifier(model, cfg, total_steps, params.seed, weight)
     model.to(memory_format=torch.channels_last)
     callbacks: list[L.Callback] = []

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from imageclf.config import TrainParams
-from imageclf.data.loaders import LoaderSettings, class_weights, make_loader
+from imageclf.data.loaders import LoaderSettings, loss_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.io import write_json, write_with
 from imageclf.models.zoo import split_head
@@ -321,9 +321,7 @@ def _training_step(
     optimizer = make_optimizer(model, cfg, plan)
     num_classes = split_head(model)[1].out_features
     criterion = nn.CrossEntropyLoss(
-        weight=class_weights(train.labels, num_classes).to(device)
-        if cfg.class_balance == "weights"
-        else None,
+        weight=loss_weights(cfg, train.labels, num_classes, device),
         label_smoothing=cfg.label_smoothing,
     )
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0

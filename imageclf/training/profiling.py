@@ -19,7 +19,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from imageclf.config import ProfileParams, TrainParams
-from imageclf.data.loaders import LoaderSettings, class_weights, make_loader
+from imageclf.data.loaders import LoaderSettings, loss_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.models.zoo import split_head
 from imageclf.training.engine import make_optimizer, seed_everything
@@ -38,10 +38,8 @@ def profile_training(
     seed_everything(seed)
     model.train().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
-    balance = train_cfg.class_balance
-    weight = class_weights(split.labels, split_head(model)[1].out_features)
     criterion = nn.CrossEntropyLoss(
-        weight=weight if balance == "weights" else None,
+        weight=loss_weights(train_cfg, split.labels, split_head(model)[1].out_features),
         label_smoothing=train_cfg.label_smoothing,
     )
     data = make_loader(
@@ -51,7 +49,7 @@ def profile_training(
         seed=seed,
         settings=loader,
         augment=train_cfg.augment,
-        balance=balance == "sampler",
+        balance=train_cfg.class_balance == "sampler",
     )
     iterator = iter(data)
     total = cfg.warmup + cfg.steps

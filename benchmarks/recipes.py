@@ -150,16 +150,19 @@ def train_and_score(dataset: Dataset, params: Params) -> dict[str, Any]:
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one row per recipe, one column per dataset (mean over seeds, ± half the
-    spread when several), each recipe's difference from the baseline, and the mean over datasets."""
+def table(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> str:
+    """Markdown: one row per recipe, one column per dataset (``metric``'s mean over seeds, ± half
+    the spread when several), each recipe's difference from the baseline, and the mean over
+    datasets."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     cell: dict[tuple[str, str], list[float]] = {}
     for r in rows:
-        cell.setdefault((r["recipe"], r["dataset"]), []).append(r["test_accuracy"])
+        cell.setdefault((r["recipe"], r["dataset"]), []).append(r[metric])
     base = {d: np.mean(cell[("baseline", d)]) for d in datasets if ("baseline", d) in cell}
     lines = [
+        f"{metric}:",
+        "",
         "| recipe | " + " | ".join(datasets) + " | mean Δ vs baseline |",
         "|---|" + "---:|" * (len(datasets) + 1),
     ]
@@ -191,6 +194,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["baseline", "photos"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--shift-folder", type=Path, default=None)
+    parser.add_argument(
+        "--data-seed", type=int, default=42, help="the seed of the data's split (ELPV's test set)"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE for every run")
     parser.add_argument("--out", type=Path, default=Path("reports/recipes.jsonl"))
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out")
@@ -198,7 +204,8 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=None, help="print the table of a JSONL")
     args = parser.parse_args()
     if args.table:
-        print(table(read_rows(args.table)))
+        rows = read_rows(args.table)
+        print(table(rows) + "\n\n" + table(rows, "balanced_accuracy"))
         return
     unknown = set(args.recipes) - set(RECIPES)
     if unknown:
@@ -221,9 +228,8 @@ def main() -> None:
                         params_for(dataset, recipe, seed, args.shift_folder), extra
                     )
                     # One split for every seed: seeds vary the training, not the test images.
-                    data = read_data(
-                        apply_overrides(params, {"seed": args.seeds[0]}), cache, Path(tmp)
-                    )
+                    split = apply_overrides(params, {"seed": args.data_seed})
+                    data = read_data(split, cache, Path(tmp))
                     started = time.perf_counter()
                     row = {"dataset": dataset, "recipe": recipe, "seed": seed}
                     row |= {"size": params.data.image_size, **train_and_score(data, params)}
@@ -232,7 +238,7 @@ def main() -> None:
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     done.append(row)
-    print(table(done))
+    print(table(done) + "\n\n" + table(done, "balanced_accuracy"))
 
 
 if __name__ == "__main__":

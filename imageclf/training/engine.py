@@ -427,7 +427,10 @@ def train_model(
     optimizer = make_optimizer(model, cfg, plan)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     criterion = nn.CrossEntropyLoss(
-        weight=loss_weights(cfg, train.labels, split_head(model)[1].out_features, device),
+        # Only weighted runs need the head's size (some test models have no split head).
+        weight=loss_weights(cfg, train.labels, split_head(model)[1].out_features, device)
+        if cfg.class_balance == "weights"
+        else None,
         label_smoothing=cfg.label_smoothing,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

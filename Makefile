@@ -121,7 +121,7 @@ audit: $(STAMP)
 	$(BIN)/python tools/audit.py --service $(AUDIT_SERVICE)
 
 # The service on this machine only (127.0.0.1). Another address is a choice you make out loud:
-# `make serve HOST=0.0.0.0` (then set IMAGECLF_API_TOKEN, see the README's "Safe defaults").
+# `make serve HOST=0.0.0.0` (then set IMAGECLF_API_TOKEN, see docs/serving.md, "Safe defaults").
 # Plain `=`, not `?=`: an environment variable HOST (zsh sets it to the machine's name) must not
 # widen the binding; only the command line overrides these.
 HOST = 127.0.0.1

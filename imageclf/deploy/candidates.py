@@ -49,7 +49,7 @@ def teacher_path(cfg: OptimizeParams, root: Path) -> Path | None:
     if not path.is_file():
         raise InvalidInput(
             f"optimize.distill_teacher {cfg.distill_teacher!r} is not a file: train a teacher "
-            "with the long configuration and copy its models/model.pt there (README, "
+            "with the long configuration and copy its models/model.pt there (docs/optimize.md, "
             '"Distillation"), or set it to "" to skip distillation.'
         )
     return path

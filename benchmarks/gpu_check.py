@@ -61,8 +61,8 @@ from torch import nn
 from imageclf.config import Params, TrainParams, apply_overrides, load_params
 from imageclf.data.store import Split
 from imageclf.deploy.export import export_onnx, verify_onnx
-from imageclf.deploy.onnx_runtime import INPUT_NAME, ort_session
 from imageclf.models.zoo import ServingGraph, build_model
+from imageclf.onnx_runtime import INPUT_NAME, ort_session
 from imageclf.training import distributed
 from imageclf.training.engine import make_optimizer, make_scheduler, train_model
 
@@ -648,7 +648,7 @@ def section_onnx(run: Run, images: torch.Tensor) -> dict[str, Any]:
     providers = ort.get_available_providers()
     out["available_providers"] = providers
     trained = run.trained if run.trained is not None else run.model()
-    serving = ServingGraph(copy.deepcopy(trained).cpu(), run.params.tta_flip).eval()
+    serving = ServingGraph(copy.deepcopy(trained).cpu(), run.params.tta_views).eval()
     path = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "gpu_check.onnx"
     shape = (run.channels, run.size, run.size)
     t0 = time.perf_counter()

@@ -40,6 +40,7 @@ from imageclf.config import (
     parse_assignments,
 )
 from imageclf.data.store import Dataset, load_dataset
+from imageclf.data.transforms import symmetric_images
 from imageclf.evaluation.metrics import classification_report
 from imageclf.paths import ProjectPaths
 from imageclf.training.engine import predict_logits, set_threads, train_model
@@ -96,6 +97,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train.epochs": 16,
         "train.augment": ["hflip", "vflip", "rot90", {"translate": 10}],
     },
+    "cells128x24": {
+        "data.image_size": 128,
+        "train.epochs": 24,
+        "train.augment": ["hflip", "vflip", "rot90", {"translate": 8}],
+    },
+    "cells192": {
+        "data.image_size": 192,
+        "train.epochs": 12,
+        "train.augment": ["hflip", "vflip", "rot90", {"translate": 12}],
+    },
+    "cells224": {
+        "data.image_size": 224,
+        "train.epochs": 9,
+        "train.augment": ["hflip", "vflip", "rot90", {"translate": 14}],
+    },
 }
 
 
@@ -127,8 +143,45 @@ def read_data(params: Params, cache: dict[tuple, Dataset], workdir: Path) -> Dat
     return cache[key]
 
 
-def train_and_score(dataset: Dataset, params: Params) -> dict[str, Any]:
-    """Train as the train stage does; test accuracy, balanced accuracy, per-class recall."""
+def view_log_probs(model: torch.nn.Module, images: np.ndarray, views: int) -> np.ndarray:
+    """Log-probabilities (views, N, classes) of the first ``views`` dihedral views."""
+    out = [
+        torch.log_softmax(predict_logits(model, v, batch_size=128), 1).numpy()
+        for v in symmetric_images(images, views)
+    ]
+    return np.stack(out)
+
+
+def expected_level(log_probs: np.ndarray) -> np.ndarray:
+    """The class nearest the expected class index: for ordered levels (ELPV's 0, 1/3, 2/3, 1)
+    this decodes as a regressor of the level would (Deitsch et al. round the regressed
+    probability), where argmax ignores the order."""
+    probs = np.exp(log_probs)
+    return np.rint(probs @ np.arange(probs.shape[1])).astype(int)
+
+
+def decodings(log_probs: np.ndarray, ordered: bool) -> dict[str, np.ndarray]:
+    """Predictions from the same model read several ways: the image alone, with its mirror
+    image, with all eight symmetric views (mean log-probability), and, for ordered classes,
+    by the expected level."""
+    out = {"argmax": log_probs[0].argmax(1)}
+    if len(log_probs) >= 2:
+        out["flip2"] = log_probs[:2].mean(0).argmax(1)
+    if len(log_probs) == 8:
+        out["dihedral8"] = log_probs.mean(0).argmax(1)
+    if ordered:
+        out["level"] = expected_level(log_probs[0])
+        if len(log_probs) == 8:
+            out["level_dihedral8"] = expected_level(log_probs.mean(0))
+    return out
+
+
+def train_and_score(
+    dataset: Dataset, params: Params, views: int = 1, save: Path | None = None
+) -> dict[str, Any]:
+    """Train as the train stage does; test accuracy, balanced accuracy, per-class recall, and
+    the same for every decoding of the test predictions (``views`` dihedral views); ``save``
+    keeps the test and validation log-probabilities (.npz) for later analysis."""
     prepared = prepare_run(params, dataset, ProjectPaths(REPO))
     history = train_model(
         prepared.model,
@@ -138,12 +191,31 @@ def train_and_score(dataset: Dataset, params: Params) -> dict[str, Any]:
         seed=params.seed,
         progress=False,
     )
-    logits = predict_logits(prepared.model, dataset.test.images, batch_size=128)
-    report = classification_report(dataset.test.labels, logits.argmax(1).numpy(), dataset.classes)
+    test = view_log_probs(prepared.model, dataset.test.images, views)
+    ordered = params.data.name == "elpv" and params.data.elpv_task == "4class"
+    scored = {
+        name: classification_report(dataset.test.labels, pred, dataset.classes)
+        for name, pred in decodings(test, ordered).items()
+    }
+    if save is not None:
+        val = prepared.val
+        save.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            save,
+            test=test,
+            test_labels=dataset.test.labels,
+            val=view_log_probs(prepared.model, val.images, views) if len(val) else test[:0],
+            val_labels=val.labels,
+        )
+    report = scored["argmax"]
     return {
         "test_accuracy": round(report["test_accuracy"], 4),
         "balanced_accuracy": round(report["balanced_accuracy"], 4),
         "recall": {k: round(v["recall"], 4) for k, v in report["per_class"].items()},
+        "decodings": {
+            name: [round(r["test_accuracy"], 4), round(r["balanced_accuracy"], 4)]
+            for name, r in scored.items()
+        },
         "epochs": len(history.epochs),
         "train_images": len(prepared.train),
         "seconds": round(history.seconds, 1),
@@ -202,6 +274,16 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--table", type=Path, default=None, help="print the table of a JSONL")
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        choices=[1, 2, 8],
+        help="test-time views to score (2: + the mirror image; 8: the square's symmetries)",
+    )
+    parser.add_argument(
+        "--save-logits", type=Path, default=None, help="a folder for each run's log-probabilities"
+    )
     args = parser.parse_args()
     if args.table:
         rows = read_rows(args.table)
@@ -232,7 +314,13 @@ def main() -> None:
                     data = read_data(split, cache, Path(tmp))
                     started = time.perf_counter()
                     row = {"dataset": dataset, "recipe": recipe, "seed": seed}
-                    row |= {"size": params.data.image_size, **train_and_score(data, params)}
+                    save = (
+                        args.save_logits / f"{dataset}-{recipe}-{seed}.npz"
+                        if args.save_logits
+                        else None
+                    )
+                    scored = train_and_score(data, params, args.views, save)
+                    row |= {"size": params.data.image_size, **scored}
                     row["wall_seconds"] = round(time.perf_counter() - started, 1)
                     print(json.dumps(row), flush=True)
                     with args.out.open("a") as f:

@@ -291,14 +291,14 @@ def register_built_model(
     std = contract.std or 0.5
     torch.manual_seed(params.seed)
     model = build_model(name, num_classes, channels, params.train.width, mean, std, image_size)
+    from imageclf.errors import InvalidInput
     from imageclf.models.backbones import load_pretrained
-    from imageclf.stage import InvalidInput
 
     try:
         weights = str(load_pretrained(model, name, "imagenet", root.root))
     except InvalidInput as exc:  # an architecture without packaged weights: speed is the same
         weights = f"random (no packaged weights: {exc})"
-    serving = ServingGraph(fold_batchnorm(model.eval()), tta_flip=False)
+    serving = ServingGraph(fold_batchnorm(model.eval()), views=1)
     classes = [f"class_{i}" for i in range(num_classes)]
     onnx_path = root.onnx
     metadata = {  # what stages/export.py writes: the service reads classes and input from it

@@ -60,17 +60,17 @@ from imageclf.data.store import (
     split_train_val,
     stratified_fraction,
 )
-from imageclf.data.transforms import to_model_input
+from imageclf.data.transforms import symmetric_images, to_model_input
 from imageclf.io import write_json
 from imageclf.models.checkpoint import ModelSpec, save_checkpoint
 from imageclf.models.ensemble import ensemble
 from imageclf.paths import ProjectPaths
+from imageclf.seeding import seed_everything
 from imageclf.training.engine import (
     EpochMetrics,
     ema_validated_better,
     make_optimizer,
     predict_logits,
-    seed_everything,
     set_threads,
     train_model,
 )
@@ -329,9 +329,10 @@ def subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
 def scored_accuracy(
     model: nn.Module, test: Split, params: Params, tta: bool | None = None
 ) -> float:
-    """Accuracy on ``test`` as the evaluate stage measures it (flip TTA when it would)."""
-    tta = params.tta_flip if tta is None else tta
-    logits = predict_logits(model, test.images, params.evaluate.batch_size, tta_flip=tta)
+    """Accuracy on ``test`` as the evaluate stage measures it (its test-time augmentation when
+    it would use one, unless ``tta`` says otherwise)."""
+    views = params.tta_views if tta is None or tta else 1
+    logits = predict_logits(model, test.images, params.evaluate.batch_size, views=views)
     return float((logits.argmax(1).numpy() == test.labels).mean())
 
 
@@ -352,14 +353,14 @@ def run_baseline(dataset: Dataset, train: Split, params: Params, epochs: int) ->
 
 class EnsembleScore:
     """Test accuracy of an ensemble as it grows, member by member, without rescoring the
-    finished members: their log-probabilities per test view (the image, and its mirror with
-    flip TTA) are summed once, and each new model is scored together with them, exactly as
-    the ensemble model (``imageclf.models.ensemble``) under ``FlipTTA`` scores."""
+    finished members: their log-probabilities per test view (the image, and its symmetric
+    views with test-time augmentation) are summed once, and each new model is scored together
+    with them, exactly as the ensemble model (``imageclf.models.ensemble``) under ``FlipTTA``
+    scores."""
 
     def __init__(self, test: Split, params: Params) -> None:
         self.labels = torch.from_numpy(test.labels)
-        mirror = [np.ascontiguousarray(test.images[:, :, ::-1])] if params.tta_flip else []
-        self.views = [test.images, *mirror]
+        self.views = symmetric_images(test.images, params.tta_views)
         self.batch_size = params.evaluate.batch_size
         self.sums: list[torch.Tensor] = [torch.zeros(0) for _ in self.views]
         self.members = 0

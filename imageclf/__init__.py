@@ -1,7 +1,19 @@
 """imageclf: the library. All model, data, training, export and registry logic lives here;
 stages/, pipelines/, services/ and monitoring/ only call it (import-linter checks the direction).
 
-Where things are: data/ (fetch, canonical store, loaders), transforms.py (the one preprocessing),
-models.py (the model registry), engine.py (the training loop), export.py and optimize.py,
-registry.py (MLflow champion/challenger), config.py and paths.py (every parameter and path).
+Layers, lowest first; each imports only from its own layer and those below, and no modules
+import each other in a loop (tests/test_architecture.py, whose LAYERS says why each sits there):
+
+1. base modules: paths.py and config.py (every path and parameter), io.py (atomic writes),
+   metric_names.py, errors.py (StageError, InvalidInput), seeding.py, tracking.py (MLflow),
+   onnx_runtime.py (sessions and model metadata, no torch);
+2. data/: fetch, the canonical store, transforms.py (the one preprocessing), loaders;
+3. models/: zoo.py (the model registry), backbones.py, layers, checkpoints, ensembles;
+4. training/: engine.py (the training loop), transfer, resume, DDP, debugging, Lightning;
+5. evaluation/: metrics, error analysis, inside views;
+6. registry.py: MLflow champion/challenger;
+7. deploy/: export, optimize, compress, distill, benchmark, serving, champion;
+8. tools on top: stage.py (the stage CLI), summary.py, compare.py, local_servers.py.
+
+This file imports nothing: it runs before every module of the package.
 """

@@ -216,11 +216,22 @@ class TrainParams(_Section):
         """Whether mirrored images are part of the policy (flip test-time augmentation too)."""
         return "hflip" in augment_names(self.augment)
 
+    @property
+    def symmetry_views(self) -> int:
+        """The views of an image the policy teaches the model to treat alike: 8 (the square's
+        symmetries) with hflip, vflip and rot90; 2 (the mirror image) with hflip; else 1."""
+        names = augment_names(self.augment)
+        if not self.flips:
+            return 1
+        return 8 if {"vflip", "rot90"} <= set(names) else 2
+
 
 class EvaluateParams(_Section):
     batch_size: int = Field(ge=1)
-    # Average the scores of each image and its mirror; applied only when train.augment has
-    # hflip (a mirrored digit is another digit).
+    # Test-time augmentation: average the log-probabilities over the views training made the
+    # model indifferent to (its mirror image with hflip; the 8 symmetries of the square with
+    # hflip, vflip and rot90); applied only when train.augment has hflip (a mirrored digit is
+    # another digit). It is baked into the exported model: what is served is what was scored.
     tta_flip: bool
     # How many of the most confidently wrong test images the top-losses gallery shows.
     top_losses: int = Field(ge=0)
@@ -395,9 +406,14 @@ class Params(_Section):
 
     @property
     def tta_flip(self) -> bool:
-        """Flip test-time augmentation as evaluated, exported and served: asked for, and only
-        when training saw mirrored images (a mirrored digit is another digit)."""
+        """Test-time augmentation as evaluated, exported and served: asked for, and only when
+        training saw mirrored images (a mirrored digit is another digit)."""
         return self.evaluate.tta_flip and self.train.flips
+
+    @property
+    def tta_views(self) -> int:
+        """How many views test-time augmentation averages (1: none; see ``symmetry_views``)."""
+        return self.train.symmetry_views if self.tta_flip else 1
 
     @model_validator(mode="after")
     def _members_are_valid_runs(self) -> Params:

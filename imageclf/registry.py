@@ -90,7 +90,7 @@ def dvc_data_hash(root: Path) -> str | None:
 
 def comparability_tags(onnx_path: Path, classes: list[str], test_hash: str) -> dict[str, str]:
     """The tags of :data:`COMPARABLE_BY` for a model file and the test set it was evaluated on."""
-    from imageclf.deploy.onnx_runtime import onnx_metadata
+    from imageclf.onnx_runtime import onnx_metadata
 
     meta = onnx_metadata(onnx_path)
     contract = json.loads(meta["input"]) if "input" in meta else {"unknown": str(onnx_path)}
@@ -124,7 +124,7 @@ def log_and_register(
     import onnx
     from mlflow.models import infer_signature
 
-    from imageclf.deploy.export import ort_session
+    from imageclf.onnx_runtime import ort_session
 
     registry = client(tracking)
     session = ort_session(onnx_path)

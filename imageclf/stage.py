@@ -3,9 +3,9 @@
 A stage module defines ``run(params, paths) -> dict`` and ends with ``main(run)``. Expected
 failures (bad parameters, missing inputs, data that fails validation, a check that does not
 pass) become one clear sentence on stderr and exit status 1, not a traceback. They are the
-exceptions in :data:`EXPECTED_ERRORS`, which code raises on purpose with a message for the user;
-anything else (a ``KeyError``, a ``ValueError`` from deep inside torch...) is a bug and keeps its
-full traceback, because one sentence would hide where it happened.
+exceptions in :data:`imageclf.errors.EXPECTED_ERRORS`, which code raises on purpose with a message
+for the user; anything else (a ``KeyError``, a ``ValueError`` from deep inside torch...) is a bug
+and keeps its full traceback, because one sentence would hide where it happened.
 """
 
 from __future__ import annotations
@@ -21,31 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imageclf.config import Params, ParamsError, load_params
+from imageclf.config import Params, load_params
+from imageclf.errors import EXPECTED_ERRORS
 from imageclf.paths import ProjectPaths, get_paths
 
 StageFn = Callable[[Params, ProjectPaths], dict[str, Any]]
 log = logging.getLogger("imageclf.stage")
-
-
-class StageError(RuntimeError):
-    """An expected failure with a message that says what was wrong and what to do."""
-
-
-class InvalidInput(StageError, ValueError):
-    """Input data or configuration the library cannot use, found below the stage.
-
-    A :class:`StageError` (one sentence from a stage CLI) that is still a ``ValueError``, so that
-    callers which caught the ``ValueError`` it used to be (``except ValueError``) still do."""
-
-
-# Raised on purpose, with a message meant for the user. Deliberately not ValueError or
-# RuntimeError: torch, NumPy and our own bugs raise those too, and their tracebacks matter.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    StageError,  # and its kin: InvalidInput, OverfitFailed, DownloadError, TrainingDiverged
-    ParamsError,
-    FileNotFoundError,  # a missing input; the library's messages name the stage to run
-)
 
 
 def configure_logging() -> None:

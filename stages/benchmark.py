@@ -27,7 +27,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Time every backend in one process and write reports/benchmark.json plus a chart."""
     cfg = params.benchmark
     dataset = load_dataset(paths.dataset)
-    model, _, _ = load_serving_model(paths, params.tta_flip)
+    model, _, _ = load_serving_model(paths, params.tta_views)
     onnx_paths = {ONNXRUNTIME_FP32: paths.onnx}
     if paths.onnx_int8.is_file():
         onnx_paths[ONNXRUNTIME_INT8] = paths.onnx_int8

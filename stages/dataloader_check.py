@@ -17,12 +17,13 @@ from imageclf.data.loader_check import (
     why_chosen,
 )
 from imageclf.data.store import load_dataset, split_train_val
+from imageclf.errors import StageError
 from imageclf.io import write_json
 from imageclf.models.zoo import build_model
 from imageclf.paths import ProjectPaths
-from imageclf.stage import StageError, main
+from imageclf.seeding import seed_everything
+from imageclf.stage import main
 from imageclf.training.debugging import shuffled_label_run
-from imageclf.training.engine import seed_everything
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

@@ -20,9 +20,10 @@ from imageclf.data.store import (
     stratified_fraction,
 )
 from imageclf.data.transforms import prepare_image
+from imageclf.errors import StageError
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
-from imageclf.stage import StageError, main
+from imageclf.stage import main
 
 
 def _write_fashion_mnist(

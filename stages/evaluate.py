@@ -39,20 +39,22 @@ from imageclf.training.engine import predict_logits, set_threads
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
-    """Evaluate models/model.pt on the whole test split (flip TTA only when training flipped)."""
+    """Evaluate models/model.pt on the whole test split (test-time augmentation only when
+    training flipped: ``Params.tta_views``)."""
     set_threads(params.train.threads)
     dataset = load_dataset(paths.dataset)
     model, spec, _ = load_checkpoint(paths.checkpoint)
     cfg = params.evaluate
-    tta = params.tta_flip
+    tta, views = params.tta_flip, params.tta_views
     images, labels = dataset.test.images, dataset.test.labels
-    probabilities = predict_logits(model, images, cfg.batch_size, tta_flip=tta).softmax(1).numpy()
+    probabilities = predict_logits(model, images, cfg.batch_size, views=views).softmax(1).numpy()
     predictions = probabilities.argmax(1)
     report = classification_report(labels, predictions, dataset.classes)
     if tta:
-        plain = predict_logits(model, images, cfg.batch_size, tta_flip=False)
+        plain = predict_logits(model, images, cfg.batch_size)
         report[TEST_ACCURACY_NO_TTA] = float((plain.argmax(1).numpy() == labels).mean())
     report["tta_flip"] = tta
+    report["tta_views"] = views
     if cfg.tta_flip and not tta:
         report["tta_flip_off_because"] = "train.augment has no hflip"
     train_info = read_json(paths.train_report) if paths.train_report.is_file() else {}

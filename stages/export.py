@@ -10,10 +10,11 @@ from typing import Any
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
 from imageclf.deploy.export import export_onnx, export_torchscript, verify_onnx, verify_torchscript
+from imageclf.errors import StageError
 from imageclf.io import atomic_path, write_json
 from imageclf.models.checkpoint import load_serving_model
 from imageclf.paths import ProjectPaths
-from imageclf.stage import StageError, main
+from imageclf.stage import main
 
 
 def tolerance_problems(
@@ -38,7 +39,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     """Export models/model.optimized.pt to models/model.onnx; fail when outside tolerances."""
     cfg = params.export
     dataset = load_dataset(paths.dataset)
-    serving, spec, source = load_serving_model(paths, params.tta_flip)
+    serving, spec, source = load_serving_model(paths, params.tta_views)
     images = dataset.test.images[: cfg.compare_images]
     # Export to temporary files first: a model that fails verification never replaces a good one.
     with ExitStack() as stack:
@@ -63,6 +64,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             "output": "log_probs" if params.tta_flip else "logits",
             "model": spec.name,
             "tta_flip": json.dumps(params.tta_flip),
+            "tta_views": str(params.tta_views),
         }
         export_onnx(serving, tmp, dataset.image_shape, cfg.opset, metadata=metadata)
         check = verify_onnx(tmp, serving, images)
@@ -92,6 +94,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         "opset": cfg.opset,
         "source_checkpoint": source.name,
         "tta_flip": params.tta_flip,
+        "tta_views": params.tta_views,
         "classes": list(spec.classes),
         "torchscript": scripted,
     }

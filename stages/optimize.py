@@ -53,7 +53,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     calib_idx = stratified_fraction(
         dataset.train.labels, min(1.0, cfg.calibration_images / len(dataset.train)), params.seed
     )[: cfg.calibration_images]
-    serving = ServingGraph(folded, params.tta_flip).eval()  # the graph export serves
+    serving = ServingGraph(folded, params.tta_views).eval()  # the graph export serves
     fp32_path = paths.models / ".optimize-fp32.onnx"
     int8_path = paths.onnx_int8
     try:

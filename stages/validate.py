@@ -11,9 +11,10 @@ from imageclf.config import Params
 from imageclf.data.quality_report import write_reports
 from imageclf.data.store import load_dataset
 from imageclf.data.validation import DATA_DOCS_INDEX, validate_dataset
+from imageclf.errors import StageError
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
-from imageclf.stage import StageError, main
+from imageclf.stage import main
 
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from imageclf.data.transforms import prepare_image, to_model_input
+from imageclf.errors import InvalidInput
 from imageclf.models.backbones import (
     lite0_packaged_weights,
     load_pretrained,
@@ -29,7 +30,6 @@ from imageclf.models.zoo import (
     model_contract,
     split_head,
 )
-from imageclf.stage import InvalidInput
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -171,7 +171,7 @@ def test_lite0_exports_to_onnx_with_a_dynamic_batch_and_folds_its_batch_norm(tmp
     )
     load_pretrained(model, "efficientnet_lite0", "imagenet", tmp_path)
     model.eval()
-    serving = ServingGraph(model, tta_flip=True).eval()
+    serving = ServingGraph(model, views=2).eval()
     path = export_onnx(serving, tmp_path / "lite0.onnx", (3, 96, 96), opset=18)
     images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
     check = verify_onnx(path, serving, images)

@@ -257,7 +257,7 @@ def lifecycle_root(champion: ProjectPaths, root: Path) -> tuple[ProjectPaths, st
 def register_untrained(champion: ProjectPaths, tracking: str, params: Params, seed: int) -> str:
     """Another version for the champion's inputs and classes (untrained: only its version
     number matters here), with the metrics promotion asks for."""
-    from imageclf.deploy.onnx_runtime import onnx_metadata
+    from imageclf.onnx_runtime import onnx_metadata
 
     meta = onnx_metadata(champion.onnx)
     spec = json.loads(meta["input"])

@@ -92,6 +92,10 @@ def test_augmentation_policy_is_checked_when_params_load():
     assert good.train.flips and good.tta_flip == params.evaluate.tta_flip
     no_flip = apply_overrides(params, {"train.augment": [{"translate": 2}]})
     assert not no_flip.train.flips and not no_flip.tta_flip  # no flip TTA without flips
+    assert (good.tta_views, no_flip.tta_views) == (2 if params.evaluate.tta_flip else 1, 1)
+    square = apply_overrides(params, {"train.augment": ["hflip", "vflip", "rot90"]})
+    assert square.train.symmetry_views == 8  # a cell is a cell in any orientation
+    assert apply_overrides(square, {"evaluate.tta_flip": False}).tta_views == 1
     for bad, words in (
         (["hflp"], "unknown augmentation 'hflp'"),
         (["rotation"], "needs its degrees"),

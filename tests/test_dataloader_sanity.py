@@ -17,9 +17,9 @@ import torch
 from imageclf.config import DataloaderCheckParams
 from imageclf.data import loaders
 from imageclf.data.store import Split, write_dataset
+from imageclf.errors import StageError
 from imageclf.io import read_json
 from imageclf.models.zoo import build_model
-from imageclf.stage import StageError
 from imageclf.training.debugging import LabelLeak, naming_p_value, shuffled_label_run
 from tests.conftest import synthetic_split, tiny_params
 

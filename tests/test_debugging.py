@@ -239,7 +239,7 @@ def test_wrong_image_size_names_the_linear_head_and_data_image_size():
     assert "layer '1.8' (Linear)" in message and f"in_features={16 * 7 * 7}" in message
     assert f"({16 * 8 * 8} features)" in message and "data.image_size" in message
     assert check_model_accepts(model, (1, 28, 28)) == (2, 4)
-    serving = ServingGraph(model, tta_flip=False)  # what export exports: (scores, probs)
+    serving = ServingGraph(model, views=1)  # what export exports: (scores, probs)
     assert check_model_accepts(serving, (1, 28, 28)) == ((2, 4), (2, 128))  # + embedding
 
 

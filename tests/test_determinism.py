@@ -50,7 +50,7 @@ def model() -> torch.nn.Module:
 def write_model_files(folder: Path, model: torch.nn.Module) -> dict[str, bytes]:
     """Every kind of model file the pipeline writes, through the functions its stages use."""
     folder.mkdir(parents=True)
-    serving = ServingGraph(model, tta_flip=True).eval()
+    serving = ServingGraph(model, views=2).eval()
     save_checkpoint(folder / "model.pt", model, SPEC, extra={"epoch": 3})
     export_onnx(serving, folder / "model.onnx", SHAPE, metadata={"classes": '["a","b","c","d"]'})
     export_torchscript(serving, folder / "model.torchscript.pt", SHAPE)
@@ -82,7 +82,7 @@ def test_model_files_are_the_same_bytes_whenever_and_wherever_written(
     ]
     assert leaks == []
     # Without its debug records, the TorchScript file still loads and computes what PyTorch does.
-    serving, x = ServingGraph(model, tta_flip=True).eval(), torch.rand(3, *SHAPE)
+    serving, x = ServingGraph(model, views=2).eval(), torch.rand(3, *SHAPE)
     with torch.inference_mode():
         scripted = load_torchscript(tmp_path / "run" / "model.torchscript.pt")
         for ours, ref in zip(scripted(x), serving(x), strict=True):

@@ -12,6 +12,7 @@ import torch
 
 from imageclf.config import ParamsError, apply_overrides, ensemble_members
 from imageclf.data.transforms import to_model_input
+from imageclf.errors import InvalidInput
 from imageclf.io import read_json
 from imageclf.models.checkpoint import (
     ModelSpec,
@@ -21,7 +22,6 @@ from imageclf.models.checkpoint import (
 )
 from imageclf.models.ensemble import ensemble, members_of
 from imageclf.models.zoo import ServingGraph, fold_batchnorm, split_head
-from imageclf.stage import InvalidInput
 from stages import evaluate, export, train
 from tests.conftest import tiny_params
 
@@ -54,7 +54,7 @@ def test_ensemble_averages_its_members_log_probabilities_and_keeps_the_model_con
         embedding = features(x)
         assert embedding.shape == (5, 3 * 128)
         torch.testing.assert_close(head(embedding), expected)
-        scores, served_embedding = ServingGraph(model, tta_flip=False).eval()(x)
+        scores, served_embedding = ServingGraph(model, views=1).eval()(x)
         torch.testing.assert_close(scores, expected)
         torch.testing.assert_close(served_embedding, embedding)
         # Batch norm folds inside every member (the optimize stage's first step).

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from imageclf.deploy.export import export_onnx, ort_logits, verify_onnx
-from imageclf.deploy.onnx_runtime import ort_session
 from imageclf.models.layers import (
     MultiHeadSelfAttention,
     RMSNorm,
@@ -18,6 +17,7 @@ from imageclf.models.layers import (
     softmax,
 )
 from imageclf.models.zoo import ServingGraph, build_model
+from imageclf.onnx_runtime import ort_session
 
 
 def test_softmax_and_log_softmax_match_torch_and_survive_huge_logits():
@@ -60,7 +60,7 @@ def test_attention_matches_scaled_dot_product_attention_and_gets_gradients():
 def test_vit_exports_to_onnx_and_agrees_with_pytorch(tmp_path):
     torch.manual_seed(0)
     model = build_model("vit_tiny", num_classes=4, in_channels=1, width=8, image_size=12)
-    graph = ServingGraph(model.eval(), tta_flip=True)
+    graph = ServingGraph(model.eval(), views=2)
     path = export_onnx(graph, tmp_path / "vit.onnx", (1, 12, 12))
     images = np.random.default_rng(0).integers(0, 256, (6, 12, 12, 1), dtype=np.uint8)
     check = verify_onnx(path, graph, images)

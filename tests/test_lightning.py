@@ -12,9 +12,10 @@ import torch
 
 from imageclf.data.fashion_mnist import parse_idx
 from imageclf.data.store import Dataset, Split
+from imageclf.errors import StageError
 from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from imageclf.stage import StageError
-from imageclf.training.engine import predict_logits, seed_everything, train_model
+from imageclf.seeding import seed_everything
+from imageclf.training.engine import predict_logits, train_model
 from imageclf.training.lightning_adapter import ImageDataModule, check_supported, fit
 from tests.conftest import FASHION_MNIST_DIR, tiny_params
 

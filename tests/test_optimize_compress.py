@@ -25,9 +25,9 @@ from imageclf.deploy.candidates import (
 )
 from imageclf.deploy.distill import distill, distillation_loss, finetune
 from imageclf.deploy.export import load_torchscript
+from imageclf.errors import InvalidInput
 from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from imageclf.models.zoo import build_model
-from imageclf.stage import InvalidInput
 from stages import optimize, train
 from tests.conftest import synthetic_split, tiny_params
 

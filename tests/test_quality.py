@@ -15,8 +15,8 @@ from imageclf.data.loaders import make_loader
 from imageclf.data.scan import FileTask, build_imagefolder_dataset, inspect_file
 from imageclf.data.store import RowView, load_dataset
 from imageclf.data.transforms import to_model_array
+from imageclf.errors import StageError
 from imageclf.io import read_json
-from imageclf.stage import StageError
 from stages import download, validate
 from tests.conftest import tiny_params
 

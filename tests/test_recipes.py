@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks.recipes import RECIPES, params_for, table
+from benchmarks.recipes import (
+    RECIPES,
+    decodings,
+    expected_level,
+    params_for,
+    table,
+)
 from imageclf.config import load_overrides
 from tests.conftest import REPO
 
@@ -48,3 +55,13 @@ def test_table_gives_means_spreads_and_differences_from_the_baseline():
     lines = table(rows).splitlines()
     assert lines[-1] == "| x | 85.0% ±1.0% (+5.0%) | 40.0% (-10.0%) | -2.50% |"
     assert Path(REPO / "docs" / "recipes.md").is_file()
+
+
+def test_decodings_read_the_views_and_the_expected_level():
+    # Two images, three ordered levels; the second is torn between levels 0 and 2.
+    probs = np.array([[0.1, 0.8, 0.1], [0.45, 0.1, 0.45]])
+    decoded = decodings(np.log(np.stack([probs] * 8)), ordered=True)
+    assert decoded["argmax"].tolist() == [1, 0] and decoded["dihedral8"].tolist() == [1, 0]
+    assert decoded["level"].tolist() == [1, 1]  # the expected level of 0 and 2 is 1
+    assert expected_level(np.log(np.array([[0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]))).tolist() == [2, 1]
+    assert set(decodings(np.log(np.stack([probs] * 2)), ordered=False)) == {"argmax", "flip2"}

@@ -155,7 +155,7 @@ def rgb_classifier(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("rgb") / "rgb.onnx"
     export_onnx(
-        ServingGraph(build_model("resnet_small", 4, 3, 4).eval(), tta_flip=False),
+        ServingGraph(build_model("resnet_small", 4, 3, 4).eval(), views=1),
         path,
         (3, 12, 12),
         metadata={

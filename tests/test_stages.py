@@ -16,8 +16,8 @@ import torch
 
 from imageclf.data.transforms import to_model_input
 from imageclf.deploy.export import load_torchscript
+from imageclf.errors import StageError
 from imageclf.io import read_json
-from imageclf.stage import StageError
 from stages import benchmark, dataloader_check, download, evaluate, export, optimize, profile, train
 from tests.conftest import REPO, tiny_params
 
@@ -153,7 +153,8 @@ FAILING_STAGE = '''
 import os
 from pathlib import Path
 
-from imageclf.stage import StageError, main
+from imageclf.errors import StageError
+from imageclf.stage import main
 
 
 def run(params, paths):

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from imageclf.data.loaders import LoaderSettings
+from imageclf.errors import StageError
 from imageclf.models.zoo import available_models, build_model, model_contract
-from imageclf.stage import StageError
 from imageclf.training.ema import WeightEMA
 from imageclf.training.engine import (
     NORM_LAYERS,

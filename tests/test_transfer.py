@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from imageclf.data.store import channel_statistics
+from imageclf.errors import StageError
 from imageclf.models.checkpoint import ModelSpec, load_pretrained_features, save_checkpoint
 from imageclf.models.zoo import build_model, model_contract, split_head
-from imageclf.stage import StageError
 from imageclf.training.engine import train_model
 from imageclf.training.spec import training_spec
 from stages import train

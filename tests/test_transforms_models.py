@@ -151,6 +151,30 @@ def test_flip_tta_is_mirror_invariant():
     torch.testing.assert_close(model(x), model(x.flip(3)), atol=1e-5, rtol=1e-4)
 
 
+def test_eight_view_tta_is_invariant_to_every_symmetry_of_the_square():
+    from imageclf.data.transforms import symmetric_images
+    from imageclf.models.zoo import ServingGraph, symmetric_views
+
+    model = build_model("resnet_small", 10, 1, 8).eval()
+    x = torch.rand(2, 1, 12, 12)
+    views = symmetric_views(x, 8).unflatten(0, (8, 2))
+    assert len({v.numpy().tobytes() for v in views}) == 8  # eight distinct views
+    as_arrays = symmetric_images(x.permute(0, 2, 3, 1).numpy(), 8)  # the NumPy twin, NHWC
+    for view, array in zip(views, as_arrays, strict=True):
+        assert np.array_equal(view.permute(0, 2, 3, 1).numpy(), array)
+    graph = ServingGraph(model, views=8)
+    scores, embedding = graph(x)
+    for view in views:  # any view of the image scores as the image itself
+        torch.testing.assert_close(graph(view)[0], scores, atol=1e-5, rtol=1e-4)
+    explicit = torch.stack([model(v).log_softmax(1) for v in views]).mean(0)
+    torch.testing.assert_close(scores, explicit, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(embedding, graph.features(x))  # the image's own embedding
+    torch.testing.assert_close(FlipTTA(model, 8)(x), scores)
+    for bad in (3, True):
+        with pytest.raises(ValueError, match="views must be 1, 2 or 8"):
+            ServingGraph(model, views=bad)
+
+
 def test_checkpoint_round_trip_including_folded(tmp_path):
     spec = ModelSpec("resnet_small", 8, 10, 1, 28, tuple("abcdefghij"), 0.3, 0.35)
     model = spec.build().eval()
@@ -175,10 +199,10 @@ def test_serving_graph_scores_match_evaluation_and_expose_the_embedding():
 
     model = build_model("resnet_small", 10, 1, 8).eval()
     x = torch.rand(3, 1, 28, 28)
-    scores, embedding = ServingGraph(model, tta_flip=True)(x)
+    scores, embedding = ServingGraph(model, views=2)(x)
     torch.testing.assert_close(scores, FlipTTA(model)(x))
     assert embedding.shape == (3, 32)  # 4 * width: the pooled features before the classifier
-    plain, _ = ServingGraph(model, tta_flip=False)(x)
+    plain, _ = ServingGraph(model, views=1)(x)
     torch.testing.assert_close(plain, model(x))
 
 
@@ -205,7 +229,7 @@ def test_resnet_pos_classifier_reads_the_whole_map_at_any_size(size):
     hidden = [m for m in features.modules() if isinstance(m, torch.nn.Linear)]
     assert hidden[0].in_features == 4 * 8 * side * side  # every position of the last map
     x = torch.rand(3, 1, size, size)
-    scores, embedding = ServingGraph(model, tta_flip=False)(x)
+    scores, embedding = ServingGraph(model, views=1)(x)
     assert scores.shape == (3, 10) and embedding.shape == (3, POS_HIDDEN)
 
 
@@ -261,7 +285,7 @@ def test_mlp_learns_folds_and_exports_like_every_model(tmp_path):
     save_checkpoint(tmp_path / "f.pt", folded, folded_spec)
     torch.testing.assert_close(load_checkpoint(tmp_path / "f.pt")[0](x), folded(x))
 
-    serving = ServingGraph(folded, tta_flip=False).eval()
+    serving = ServingGraph(folded, views=1).eval()
     path = export_onnx(serving, tmp_path / "mlp.onnx", (1, 12, 12))
     check = verify_onnx(path, serving, held_out.images)
     assert check["dynamic_batch"] and check["argmax_agreement"] == 1.0

@@ -8,8 +8,8 @@ import pytest
 from imageclf.config import load_params
 from imageclf.data.store import Dataset, Split, load_dataset, write_dataset
 from imageclf.data.validation import metadata_table, validate_dataset
+from imageclf.errors import StageError
 from imageclf.io import read_json
-from imageclf.stage import StageError
 from stages import validate as validate_stage
 from tests.conftest import REPO, synthetic_split, tiny_params
 

@@ -24,10 +24,10 @@ import numpy as np
 from torch import nn
 
 from imageclf.config import load_params
+from imageclf.errors import InvalidInput
 from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from imageclf.models.ensemble import ensemble
 from imageclf.paths import ProjectPaths
-from imageclf.stage import InvalidInput
 
 # What members must share to be one model: one architecture, one input, one set of classes.
 SHARED = ("name", "width", "num_classes", "in_channels", "image_size", "classes")
@@ -69,7 +69,7 @@ def accuracy_on_test(model: nn.Module, paths: ProjectPaths) -> float:
 
     params = load_params(paths.params)
     test = load_dataset(paths.dataset).test
-    logits = predict_logits(model, test.images, params.evaluate.batch_size, params.tta_flip)
+    logits = predict_logits(model, test.images, params.evaluate.batch_size, params.tta_views)
     return float((logits.argmax(1).numpy() == np.asarray(test.labels)).mean())
 
 

@@ -28,8 +28,8 @@ from imageclf.config import (
 )
 from imageclf.data.loaders import load_loader_settings
 from imageclf.data.store import Dataset, load_dataset
+from imageclf.errors import StageError
 from imageclf.paths import ProjectPaths, get_paths
-from imageclf.stage import StageError
 from imageclf.training import lr_find
 from imageclf.training.engine import set_threads
 from imageclf.training.spec import prepare_run

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imageclf.errors import InvalidInput, StageError
 from imageclf.io import write_bytes
-from imageclf.stage import InvalidInput, StageError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from torch import nn
 from imageclf.config import AugmentStep, DataloaderCheckParams
 from imageclf.data.loaders import LoaderSettings, make_loader
 from imageclf.data.store import FILE_TABLE, Split
-from imageclf.training.engine import seed_everything
-from imageclf.stage import StageError
 from imageclf.data.transforms import prepare_image
+from imageclf.errors import StageError
+from imageclf.seeding import seed_everything
 
 
 class OverfitFailed(StageError):

@@ -43,8 +43,8 @@ from imageclf.data.store import (
     finish_dataset,
     stratified_fraction,
 )
-from imageclf.stage import InvalidInput, StageError
 from imageclf.data.transforms import prepare_image
+from imageclf.errors import InvalidInput, StageError
 
 # Decoders allowed (EPS/PS would call Ghostscript). Phones' MPO files open through "JPEG".
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")

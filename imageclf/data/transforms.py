@@ -71,6 +71,17 @@ def to_model_array(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
+def symmetric_images(images: np.ndarray, views: int) -> list[np.ndarray]:
+    """The first ``views`` symmetric views of uint8 NHWC images, in the order of
+    :func:`imageclf.models.zoo.symmetric_views` (the image, its mirror image, then each quarter
+    turn and its mirror): for scoring views one at a time outside the graph."""
+    out, turned = [], images
+    for _ in range(max(views // 2, 1)):
+        out += [turned, turned[:, :, ::-1]]
+        turned = np.rot90(turned, -1, axes=(1, 2))  # a quarter turn clockwise
+    return [np.ascontiguousarray(v) for v in out[:views]]
+
+
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """:func:`to_model_array` as a torch tensor (training, evaluation): one implementation of
     the input contract for every caller, training and serving alike."""

@@ -24,8 +24,8 @@ from imageclf.data.transforms import to_model_input
 from imageclf.deploy import compress
 from imageclf.deploy.distill import distill, finetune
 from imageclf.deploy.export import export_torchscript
+from imageclf.errors import InvalidInput
 from imageclf.models.checkpoint import ModelSpec, load_checkpoint
-from imageclf.stage import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from imageclf.data.transforms import to_model_array, to_model_input
-from imageclf.deploy.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
 from imageclf.io import archive_bytes, write_bytes, write_with
+from imageclf.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session
 
 log = logging.getLogger(__name__)
 

@@ -335,7 +335,7 @@ class OnnxClassifier:
     """An exported model in ONNX Runtime, described by the metadata the export stage wrote."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
-        from imageclf.deploy.onnx_runtime import onnx_metadata, ort_session
+        from imageclf.onnx_runtime import onnx_metadata, ort_session
 
         self.path = Path(path)
         self.session = ort_session(self.path, threads)

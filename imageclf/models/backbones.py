@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imageclf.errors import InvalidInput
 from imageclf.models.zoo import IMAGENET_MEAN, IMAGENET_STD, InputContract, register
-from imageclf.stage import InvalidInput
 
 IMAGENET_RGB_224 = InputContract(size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 # Lite0's stages: (repeats, kernel, stride, expansion, in channels, out channels).

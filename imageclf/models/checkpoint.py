@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imageclf.errors import InvalidInput
 from imageclf.io import archive_bytes, write_bytes
 from imageclf.models.ensemble import ensemble
 from imageclf.models.zoo import (
@@ -23,7 +24,6 @@ from imageclf.models.zoo import (
     per_channel,
 )
 from imageclf.paths import ProjectPaths
-from imageclf.stage import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -135,17 +135,17 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     return model, spec, state.get("extra", {})
 
 
-def load_serving_model(paths: ProjectPaths, tta_flip: bool) -> tuple[nn.Module, ModelSpec, Path]:
+def load_serving_model(paths: ProjectPaths, views: int) -> tuple[nn.Module, ModelSpec, Path]:
     """The model as it is exported and served: the optimized checkpoint when the optimize stage
-    wrote one (else the trained one) as a :class:`ServingGraph` (scores with flip TTA when
-    evaluation uses it, plus the embedding), so that what is served is what was evaluated."""
+    wrote one (else the trained one) as a :class:`ServingGraph` (scores averaged over ``views``
+    symmetric views when evaluation uses test-time augmentation, plus the embedding), so that what is served is what was evaluated."""
     from imageclf.models.zoo import ServingGraph
 
     source = (
         paths.optimized_checkpoint if paths.optimized_checkpoint.is_file() else paths.checkpoint
     )
     model, spec, _ = load_checkpoint(source)
-    return ServingGraph(model, tta_flip).eval(), spec, source
+    return ServingGraph(model, views).eval(), spec, source
 
 
 def load_pretrained_features(model: nn.Module, path: Path) -> int:

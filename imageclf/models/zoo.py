@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imageclf.stage import InvalidInput
+from imageclf.errors import InvalidInput
 
 ModelFactory = Callable[..., nn.Module]
 # A layer-group layout: the backbone's groups from the bottom (input side) up, each a list of
@@ -361,18 +361,37 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class FlipTTA(nn.Module):
-    """Test-time augmentation inside the graph: average log-probabilities of x and its mirror.
+def symmetric_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """The first ``views`` symmetries of NCHW images, stacked along the batch: the image, its
+    mirror image, then each quarter turn followed by its mirror (8: every symmetry of the
+    square; square inputs only). Turns are transpose + flip, which every exporter knows."""
+    if isinstance(views, bool) or views not in (1, 2, 8):
+        raise ValueError(f"views must be 1, 2 or 8, not {views!r}")
+    out, turned = [], x
+    for _ in range(max(views // 2, 1)):
+        out += [turned, turned.flip(3)]
+        turned = turned.transpose(2, 3).flip(3)  # a quarter turn clockwise
+    return torch.cat(out[:views])
 
-    Baked into the exported model so that what is served is exactly what was evaluated.
+
+def mean_log_probs(scores: torch.Tensor, views: int) -> torch.Tensor:
+    """The mean log-probabilities of each image's ``views`` rows of ``scores`` (view-major)."""
+    return scores.log_softmax(1).unflatten(0, (views, -1)).mean(0)
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation inside the graph: the mean log-probabilities of ``views``
+    symmetric views of each image (2: it and its mirror image; 8: the square's symmetries), in
+    one batch. Baked into the exported model so that what is served is what was evaluated.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, views: int = 2) -> None:
         super().__init__()
         self.model = model
+        self.views = views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.model(x).log_softmax(1) + self.model(x.flip(3)).log_softmax(1)) / 2
+        return mean_log_probs(self.model(symmetric_views(x, self.views)), self.views)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -419,28 +438,21 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 class ServingGraph(nn.Module):
     """What gets exported: scores for the classes and the penultimate-layer embedding.
 
-    Scores are logits, or with ``tta_flip`` the mean log-probabilities of the image and its
-    mirror (so what is served is what was evaluated). The embedding is the un-mirrored image's,
-    logged by the service for drift monitoring.
+    Scores are logits, or with ``views`` > 1 the mean log-probabilities of the image's symmetric
+    views (:class:`FlipTTA`; so what is served is what was evaluated). The embedding is the
+    image's own, logged by the service for drift monitoring.
     """
 
-    def __init__(self, model: nn.Module, tta_flip: bool) -> None:
+    def __init__(self, model: nn.Module, views: int) -> None:
         super().__init__()
+        symmetric_views(torch.zeros(1, 1, 1, 1), views)  # a bad count fails here, not at export
         self.features, self.head = split_head(model)
-        self.tta_flip = tta_flip
+        self.views = views
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.features(x)
-        scores = self.head(embedding)
-        if self.tta_flip:
-            mirrored = self.head(self.features(x.flip(3)))
-            scores = (scores.log_softmax(1) + mirrored.log_softmax(1)) / 2
-        return scores, embedding
-
-
-def _register_backbones() -> None:
-    """Pretrained backbones live in :mod:`imageclf.models.backbones` and register themselves there."""
-    from imageclf.models import backbones  # noqa: F401  (import for its registrations)
-
-
-_register_backbones()
+        if self.views == 1:
+            embedding = self.features(x)
+            return self.head(embedding), embedding
+        features = self.features(symmetric_views(x, self.views))
+        scores = mean_log_probs(self.head(features), self.views)
+        return scores, features[: x.shape[0]]

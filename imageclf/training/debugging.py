@@ -29,10 +29,11 @@ from torch import nn
 from imageclf.config import AugmentStep, DataloaderCheckParams
 from imageclf.data.loaders import make_loader
 from imageclf.data.store import Split
+from imageclf.errors import InvalidInput, StageError
 from imageclf.io import write_json, write_with
 from imageclf.models.zoo import Normalize
-from imageclf.stage import InvalidInput, StageError
-from imageclf.training.engine import predict_logits, seed_everything
+from imageclf.seeding import seed_everything
+from imageclf.training.engine import predict_logits
 from imageclf.training.observers import TrainingObserver
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +30,9 @@ from imageclf.config import TrainParams
 from imageclf.data.loaders import LoaderSettings, loss_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.data.transforms import to_model_input
+from imageclf.errors import StageError
 from imageclf.models.zoo import FlipTTA, split_head
-from imageclf.stage import StageError
+from imageclf.seeding import seed_everything
 from imageclf.training import distributed
 from imageclf.training.ema import WeightEMA
 from imageclf.training.mixing import BatchMixer, hard_labels
@@ -52,14 +52,6 @@ ONECYCLE_DIV_FACTOR = 10.0
 ONECYCLE_FINAL_DIV_FACTOR = 100.0
 # The stream number of batch mixing's seeds (beside augmentation's, keyed by batch number).
 MIXING_STREAM = 1
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a generator for augmentation randomness."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def select_device() -> torch.device:
@@ -774,10 +766,11 @@ def predict_logits(
     model: nn.Module,
     images: np.ndarray,
     batch_size: int = 1000,
-    tta_flip: bool = False,
+    views: int = 1,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Logits for uint8 NHWC images; with ``tta_flip`` averages with the mirrored image."""
+    """Logits for uint8 NHWC images; with ``views`` > 1 the mean log-probabilities of that many
+    symmetric views (test-time augmentation, :class:`FlipTTA`)."""
     device = device or next(model.parameters()).device
     model.eval()
     out = []
@@ -785,7 +778,7 @@ def predict_logits(
         x = to_model_input(images[start : start + batch_size]).to(
             device, memory_format=torch.channels_last
         )
-        out.append((FlipTTA(model) if tta_flip else model)(x).float().cpu())
+        out.append((FlipTTA(model, views) if views > 1 else model)(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

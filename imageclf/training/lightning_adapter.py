@@ -32,10 +32,11 @@ from torch.utils.data import DataLoader
 from imageclf.config import Params, TrainParams
 from imageclf.data.loaders import LoaderSettings, load_loader_settings, loss_weights, make_loader
 from imageclf.data.store import Dataset, Split, load_dataset, split_train_val
+from imageclf.errors import StageError
 from imageclf.models.checkpoint import save_checkpoint
 from imageclf.models.zoo import split_head
 from imageclf.paths import ProjectPaths
-from imageclf.stage import StageError, main
+from imageclf.seeding import seed_everything
 from imageclf.training.engine import (
     autocast_dtype,
     check_finite,
@@ -43,7 +44,6 @@ from imageclf.training.engine import (
     make_scheduler,
     mix_batch,
     optimizer_steps,
-    seed_everything,
     select_device,
 )
 from imageclf.training.mixing import BatchMixer, hard_labels
@@ -262,4 +262,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # The stage CLI sits above the library (tests/test_architecture.py): only the program uses it.
+    from imageclf.stage import main
+
     main(run)

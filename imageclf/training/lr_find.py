@@ -37,15 +37,15 @@ from tqdm.auto import tqdm
 from imageclf.config import TrainParams
 from imageclf.data.loaders import LoaderSettings, loss_weights, make_loader
 from imageclf.data.store import Split
+from imageclf.errors import StageError
 from imageclf.io import write_json, write_with
 from imageclf.models.zoo import split_head
-from imageclf.stage import StageError
+from imageclf.seeding import seed_everything
 from imageclf.training.engine import (
     autocast_dtype,
     grad_norm,
     make_optimizer,
     mix_batch,
-    seed_everything,
     select_device,
 )
 from imageclf.training.mixing import BatchMixer

@@ -22,7 +22,8 @@ from imageclf.config import ProfileParams, TrainParams
 from imageclf.data.loaders import LoaderSettings, loss_weights, make_loader
 from imageclf.data.store import Split
 from imageclf.models.zoo import split_head
-from imageclf.training.engine import make_optimizer, seed_everything
+from imageclf.seeding import seed_everything
+from imageclf.training.engine import make_optimizer
 
 
 def profile_training(

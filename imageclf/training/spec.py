@@ -13,13 +13,13 @@ from torch import nn
 
 from imageclf.config import Params, TrainParams
 from imageclf.data.store import Dataset, Split, channel_statistics, split_train_val
+from imageclf.errors import InvalidInput, StageError
 from imageclf.models.backbones import load_pretrained, pretrained_models
 from imageclf.models.checkpoint import ModelSpec, load_pretrained_features
 from imageclf.models.zoo import model_contract
 from imageclf.paths import ProjectPaths
-from imageclf.stage import InvalidInput, StageError
+from imageclf.seeding import seed_everything
 from imageclf.training.debugging import check_model_accepts
-from imageclf.training.engine import seed_everything
 
 log = logging.getLogger(__name__)
 

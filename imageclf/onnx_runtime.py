@@ -1,6 +1,8 @@
 """ONNX Runtime sessions and the metadata exported models carry; no torch needed here.
 
 Serving imports only this (and NumPy/Pillow), so a service image does not have to ship torch.
+A base module (tests/test_architecture.py): the registry reads exported models through it too,
+without importing deploy/, which sits above the registry.
 """
 
 from __future__ import annotations

@@ -69,6 +69,18 @@ BASELINE: dict[str, Any] = {
     "train.batch_size": 64,
     "train.class_balance": "none",
 }
+
+
+def cells_recipe(size: int, epochs: int, translate: int) -> dict[str, Any]:
+    """A recipe for images with no up or down (solar cells): all 8 orientations of the square,
+    at ``size`` for ``epochs``, with shifts of up to ``translate`` pixels."""
+    return {
+        "data.image_size": size,
+        "train.epochs": epochs,
+        "train.augment": ["hflip", "vflip", "rot90", {"translate": translate}],
+    }
+
+
 # Candidates: overrides on top of the baseline, or a shipped configuration file unchanged
 # ("__config__", applied over configs/photos.yaml; the dataset's data.* overrides still apply).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -87,31 +99,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "res128": {"data.image_size": 128},
     "res160": {"data.image_size": 160},
     # ELPV's candidates: the cell's eight orientations, more pixels, longer.
-    "cells128": {
-        "data.image_size": 128,
-        "train.epochs": 12,
-        "train.augment": ["hflip", "vflip", "rot90", {"translate": 8}],
-    },
-    "cells160": {
-        "data.image_size": 160,
-        "train.epochs": 16,
-        "train.augment": ["hflip", "vflip", "rot90", {"translate": 10}],
-    },
-    "cells128x24": {
-        "data.image_size": 128,
-        "train.epochs": 24,
-        "train.augment": ["hflip", "vflip", "rot90", {"translate": 8}],
-    },
-    "cells192": {
-        "data.image_size": 192,
-        "train.epochs": 12,
-        "train.augment": ["hflip", "vflip", "rot90", {"translate": 12}],
-    },
-    "cells224": {
-        "data.image_size": 224,
-        "train.epochs": 9,
-        "train.augment": ["hflip", "vflip", "rot90", {"translate": 14}],
-    },
+    "cells128": cells_recipe(128, 12, 8),
+    "cells128x24": cells_recipe(128, 24, 8),
+    "cells160": cells_recipe(160, 16, 10),
+    "cells160x12": cells_recipe(160, 12, 10),
+    "cells192": cells_recipe(192, 12, 12),
+    "cells224": cells_recipe(224, 9, 14),
 }
 
 

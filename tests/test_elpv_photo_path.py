@@ -6,7 +6,8 @@ import pytest
 
 from imageclf.config import apply_overrides, load_overrides
 from imageclf.io import read_json
-from stages import download, evaluate, train, validate
+from imageclf.onnx_runtime import onnx_metadata
+from stages import download, evaluate, export, train, validate
 from tests.conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_elpv_configuration_downloads_validates_trains_and_evaluates(project):
     """Real images nobody here made pass the gate unchanged (no false near duplicates, ordinary
-    imbalance only reported), and the pretrained path trains and scores every class."""
+    imbalance only reported), the pretrained path trains and scores every class, and the model
+    exports with its 8-view test-time augmentation inside (what is served is what was scored)."""
     params = apply_overrides(tiny_params(), load_overrides(REPO / "configs" / "elpv.yaml"))
     params = apply_overrides(
         params,
@@ -43,3 +45,9 @@ def test_elpv_configuration_downloads_validates_trains_and_evaluates(project):
     scored = evaluate.run(params, project)
     assert set(scored["per_class"]) == {"defect_000", "defect_033", "defect_067", "defect_100"}
     assert 0.0 <= scored["balanced_accuracy"] <= 1.0
+    assert scored["tta_views"] == 8  # a cell is a cell in any of the square's orientations
+
+    exported = export.run(params, project)
+    assert exported["tta_views"] == 8 and exported["dynamic_batch"]
+    assert exported["argmax_agreement"] >= params.export.min_argmax_agreement
+    assert onnx_metadata(project.onnx)["tta_views"] == "8"

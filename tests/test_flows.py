@@ -254,7 +254,10 @@ def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(
     assert need in state.message and "classes too small to learn or to test" in state.message
     failure = state.result(raise_on_failure=False)
     assert isinstance(failure, StageFailed) and str(failure) == state.message
-    logs = flow_logs(state.state_details.flow_run_id, wait_for="workspace is kept")
+    # The flow's final-state line is the last one shipped (the logs travel asynchronously: on a
+    # slow machine it lands after the line before it was read).
+    final_line = "Finished in state Failed('stage validate failed:"
+    logs = flow_logs(state.state_details.flow_run_id, wait_for=final_line)
     console = "".join(capfd.readouterr())
     # Said once (the flow's final state), not again by the task, the flow and the exception;
     # and without Great Expectations' progress bars.

@@ -282,6 +282,9 @@ class BenchmarkParams(_Section):
     batch_sizes: list[int]
     warmup: int = Field(ge=0)
     iterations: int = Field(ge=1)
+    # Per backend and batch size, the timing stops after this many seconds (warm-up included)
+    # once 5 calls are timed: an 8-view graph at batch 64 takes seconds a call. 0: no limit.
+    max_seconds: float = Field(ge=0)
     threads: int = Field(ge=0)
     # Time torch.compile (Inductor, C++ codegen) too; compiling costs ~30 s per batch size here.
     torch_compile: bool

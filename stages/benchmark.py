@@ -41,6 +41,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
         cfg.threads,
         torchscript_path=paths.torchscript if paths.torchscript.is_file() else None,
         compile_model=cfg.torch_compile,
+        max_seconds=cfg.max_seconds,
     )
     summary: dict[str, Any] = {}
     for row in rows:

@@ -6,6 +6,7 @@ import gzip
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ import torch
 
 from imageclf.data.transforms import to_model_input
 from imageclf.deploy.export import load_torchscript
+from imageclf.deploy.optimize import MIN_TIMED_CALLS, time_call
 from imageclf.errors import StageError
 from imageclf.io import read_json
 from stages import benchmark, dataloader_check, download, evaluate, export, optimize, profile, train
@@ -106,6 +108,22 @@ def test_benchmark_times_torch_compile(trained):
     compiled = [r for r in bench["rows"] if r["backend"] == "torch_compile"]
     assert len(compiled) == 1 and compiled[0]["compile_seconds"] > 0
     assert bench["torch_compile.batch_8.compile_seconds"] == compiled[0]["compile_seconds"]
+
+
+def test_a_time_budget_bounds_a_slow_benchmark_but_keeps_five_timed_calls():
+    """A call slower than the whole budget still gets 1 warm-up and MIN_TIMED_CALLS timed
+    calls (a p50 of fewer is noise); a fast one runs every iteration it was given."""
+    calls = []
+
+    def slow() -> None:
+        calls.append(1)
+        time.sleep(0.02)
+
+    latencies = time_call(slow, warmup=10, iterations=100, max_seconds=0.01)
+    assert (len(calls), len(latencies)) == (1 + MIN_TIMED_CALLS, MIN_TIMED_CALLS)
+    calls.clear()
+    assert len(time_call(lambda: calls.append(1), 3, 50, max_seconds=60)) == 50
+    assert len(calls) == 53
 
 
 def test_download_failure_keeps_previous_dataset(project, tmp_path):

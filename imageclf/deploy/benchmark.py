@@ -43,8 +43,10 @@ def benchmark_backends(
     threads: int,
     torchscript_path: Path | None = None,
     compile_model: bool = False,
+    max_seconds: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """One row per (backend, batch size): p50/p99 latency and throughput.
+    """One row per (backend, batch size): p50/p99 latency and throughput, from at most
+    ``iterations`` calls or ``max_seconds`` of them (``time_call``); each row says how many.
 
     ``torch_compile`` rows also carry ``compile_seconds``: the first call at each batch size
     (Inductor generates and builds C++ kernels per shape), paid once per process and shape,
@@ -88,12 +90,13 @@ def benchmark_backends(
         for name, session in sessions.items():
             backends[name] = lambda s=session, f=feed: s.run(None, f)
         for name, fn in backends.items():
-            stats = summarize(time_call(fn, warmup=warmup, iterations=iterations), batch)
+            latencies = time_call(fn, warmup, iterations, max_seconds)
             rows.append(
                 {
                     "backend": name,
                     "batch_size": batch,
-                    **stats,
+                    **summarize(latencies, batch),
+                    "iterations": len(latencies),
                     "threads": threads or torch.get_num_threads(),
                     **({"compile_seconds": compile_seconds} if name == TORCH_COMPILE else {}),
                 }

@@ -22,13 +22,35 @@ from imageclf.data.transforms import to_model_array, to_model_input
 from imageclf.deploy.export import INPUT_NAME, ort_logits, ort_session
 from imageclf.models.zoo import fold_batchnorm
 
+# A time budget never cuts the timed calls below this many: fewer make a p50 of noise.
+MIN_TIMED_CALLS = 5
 
-def time_call(fn: Callable[[], Any], warmup: int = 3, iterations: int = 20) -> list[float]:
-    """Per-call latencies in milliseconds (after warm-up)."""
-    for _ in range(warmup):
+
+def time_call(
+    fn: Callable[[], Any],
+    warmup: int = 3,
+    iterations: int = 20,
+    max_seconds: float = 0.0,
+) -> list[float]:
+    """Per-call latencies in milliseconds (after warm-up).
+
+    ``max_seconds`` > 0 bounds the whole measurement, so a slow model (a big batch through an
+    8-view graph takes seconds a call) costs seconds, not tens of minutes: the warm-up stops
+    after a quarter of the budget (one call at least), the timed calls once the budget is spent
+    and ``MIN_TIMED_CALLS`` have run."""
+    started = time.perf_counter()
+    for done in range(warmup):
+        if done and max_seconds and time.perf_counter() - started >= max_seconds / 4:
+            break
         fn()
-    out = []
+    out: list[float] = []
     for _ in range(iterations):
+        if (
+            max_seconds
+            and len(out) >= MIN_TIMED_CALLS
+            and time.perf_counter() - started >= max_seconds
+        ):
+            break
         start = time.perf_counter()
         fn()
         out.append((time.perf_counter() - start) * 1000)

@@ -25,7 +25,6 @@ from imageclf.local_servers import output, start, stop
 from imageclf.paths import ProjectPaths
 from tests.conftest import REPO, dvc_stages, repo_copy, tiny_params, write_imagefolder
 
-pytestmark = pytest.mark.slow
 MODEL = "flow-test-model"
 ALL_STAGES = dvc_stages()
 
@@ -116,6 +115,7 @@ def task_runs(flow_run_id) -> list:
         )
 
 
+@pytest.mark.slow
 def test_flow_run_is_a_dvc_experiment_and_leaves_the_checkout_alone(prefect_api, in_repo):
     from pipelines.training_flow import training_flow
 
@@ -160,6 +160,7 @@ def test_flow_run_is_a_dvc_experiment_and_leaves_the_checkout_alone(prefect_api,
     assert version.tags["dvc_exp_commit"] == result["experiment_commit"]
 
 
+@pytest.mark.slow
 def test_ui_run_with_only_lr_changed_skips_the_data_stages(prefect_api, in_repo):
     """The user keeps the first run (`dvc exp apply`, then a commit: the README's workflow), then
     starts a run from the UI with another lr: DVC reruns training and what follows, and reuses
@@ -277,6 +278,7 @@ def test_failing_stage_fails_the_flow_with_its_message_and_registers_nothing(
     assert len(kept) == 1 and ProjectPaths(kept[0]).validation_failed.is_dir()
 
 
+@pytest.mark.slow
 def test_monitoring_flow_records_a_drift_artifact_and_retrains(prefect_api, in_repo):
     """The served model sees images unlike its training data (the test images inverted): the
     monitoring flow finds drift, records it as a Prefect artifact and, with retrain_on_drift,
@@ -315,6 +317,7 @@ def test_monitoring_flow_records_a_drift_artifact_and_retrains(prefect_api, in_r
     assert mine and "Drift detected" in (mine[0].data or "")
 
 
+@pytest.mark.slow
 def test_photo_configuration_runs_the_rgb_transfer_path_end_to_end(prefect_api, in_repo):
     """`make photos DATA=...`: configs/photos.yaml on a folder of RGB photos of all sizes, one of
     them corrupt. The run skips and reports the bad file, fine-tunes the pretrained

@@ -33,10 +33,11 @@ from tests import service_helpers
 from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params
 from tests.service_helpers import DEFAULT_LIMITS, MAX_BYTES, MAX_IMAGES, png, start_server
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs dataset-fashion-mnist"),
-]
+# `make test` runs the module's one `bentoml serve` (real requests, the web page in a real
+# browser); the tests that start servers or builds of their own are `slow` (`make test-all`).
+pytestmark = pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason="needs dataset-fashion-mnist"
+)
 champion_project = service_helpers.champion_project  # trained once, shared with other modules
 
 
@@ -222,6 +223,7 @@ def test_request_without_file_and_too_many_images(server, test_images):
     assert r.status_code == 415
 
 
+@pytest.mark.slow
 def test_not_ready_without_champion_says_why(champion_project):
     proc, url = start_server(champion_project, alias="no-such-alias")
     try:
@@ -359,6 +361,7 @@ def test_web_page_in_a_real_browser(server, champion_project, test_images, tmp_p
             browser.close()
 
 
+@pytest.mark.slow
 def test_bentoml_build_makes_a_bento_offline(tmp_path):
     """`bentoml build` from bentofile.yaml: the code is in, data/models/venv are not."""
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent))
@@ -419,6 +422,7 @@ def test_predictions_are_logged_with_input_summaries(server, champion_project, t
     assert 0 < window["confidence"][0] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (make setup installs it)")
 def test_load_benchmark_runs_every_target(champion_project, tmp_path):
     """The benchmark script end to end, briefly: every target answers under load without a
@@ -448,6 +452,7 @@ def test_load_benchmark_runs_every_target(champion_project, tmp_path):
     assert "decode + preprocess photo12mp" in report
 
 
+@pytest.mark.slow
 def test_stopping_the_service_writes_the_last_predictions(champion_project, test_images):
     """A graceful stop flushes the prediction log's queue (the on_shutdown hook)."""
     from monitoring.prediction_log import PredictionLog
@@ -466,6 +471,7 @@ def test_stopping_the_service_writes_the_last_predictions(champion_project, test
     assert len(PredictionLog(path).read_window()["ts"]) == before + 5
 
 
+@pytest.mark.slow
 # ------------------------------------------------ Prometheus scraping the served service
 @pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus not installed (make setup)")
 def test_prometheus_scrapes_the_service_and_alerts_on_drift(

@@ -289,6 +289,8 @@ def main() -> None:
     set_threads(args.threads)
     torch.set_num_interop_threads(1)
     extra = parse_assignments(args.set)
+    # A run with --set is another recipe: its rows must not be averaged into the plain one's.
+    suffix = "[" + ",".join(args.set) + "]" if args.set else ""
     done = read_rows(args.out) if args.resume and args.out.is_file() else []
     seen = {(r["dataset"], r["recipe"], r["seed"]) for r in done}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +299,7 @@ def main() -> None:
         for dataset in args.datasets:
             for recipe in args.recipes:
                 for seed in args.seeds:
-                    if (dataset, recipe, seed) in seen:
+                    if (dataset, recipe + suffix, seed) in seen:
                         continue
                     params = apply_overrides(
                         params_for(dataset, recipe, seed, args.shift_folder), extra
@@ -306,9 +308,9 @@ def main() -> None:
                     split = apply_overrides(params, {"seed": args.data_seed})
                     data = read_data(split, cache, Path(tmp))
                     started = time.perf_counter()
-                    row = {"dataset": dataset, "recipe": recipe, "seed": seed}
+                    row = {"dataset": dataset, "recipe": recipe + suffix, "seed": seed}
                     save = (
-                        args.save_logits / f"{dataset}-{recipe}-{seed}.npz"
+                        args.save_logits / f"{dataset}-{recipe}{suffix}-{seed}.npz"
                         if args.save_logits
                         else None
                     )

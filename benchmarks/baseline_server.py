@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
 from imageclf.config import load_params
-from imageclf.deploy.serving import InputError, OnnxClassifier, decode_image
+from imageclf.deploy.inference import InputError, OnnxClassifier, decode_image
 
 
 def make_app(model_path: Path, threads: int = 0) -> FastAPI:

@@ -55,10 +55,10 @@ import yaml
 from PIL import Image
 
 from imageclf.config import Params
-from imageclf.deploy.serving import OnnxClassifier, decode_image, resolve_model
-from imageclf.local_servers import free_port, process_tree, start, stop
+from imageclf.deploy.inference import OnnxClassifier, decode_image, resolve_model
 from imageclf.paths import ProjectPaths, get_paths
 from imageclf.tracking import tracking_uri
+from ops.local_servers import free_port, process_tree, start, stop
 
 LUA = Path(__file__).with_name("multipart.lua")
 SERVICE = "bentoml /classify (multipart)"

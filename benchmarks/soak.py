@@ -55,8 +55,8 @@ from rich.table import Table
 
 from benchmarks.serving import dataset_png, parse_sets, serving_root, small_photo
 from imageclf.config import Params
-from imageclf.local_servers import free_port, output, process_tree, start, stop
 from imageclf.paths import ProjectPaths, get_paths
+from ops.local_servers import free_port, output, process_tree, start, stop
 
 BOUNDARY = "soakboundary7MA4YWxkTrZu0gW"
 # Share of each request kind in the mix (relative weights). Good requests dominate, as in real

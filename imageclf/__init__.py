@@ -12,8 +12,8 @@ import each other in a loop (tests/test_architecture.py, whose LAYERS says why e
 4. training/: engine.py (the training loop), transfer, resume, DDP, debugging, Lightning;
 5. evaluation/: metrics, error analysis, inside views;
 6. registry.py: MLflow champion/challenger;
-7. deploy/: export, optimize, compress, distill, benchmark, serving, champion;
-8. tools on top: stage.py (the stage CLI), summary.py, compare.py, local_servers.py.
+7. deploy/: export, optimize, compress, distill, benchmark, inference, champion;
+8. tools on top: stage.py (the stage CLI), summary.py, compare.py.
 
 This file imports nothing: it runs before every module of the package.
 """

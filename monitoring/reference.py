@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from imageclf.data.store import Split, stratified_fraction
-from imageclf.deploy.serving import OnnxClassifier
+from imageclf.deploy.inference import OnnxClassifier
 from monitoring.features import pixel_features
 
 

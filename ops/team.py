@@ -34,8 +34,8 @@ from pathlib import Path
 import httpx
 
 from imageclf.config import ParamsError, TeamParams, load_params
-from imageclf.local_servers import group_alive, start, stop_group, wait_ready
 from imageclf.paths import get_paths
+from ops.local_servers import group_alive, start, stop_group, wait_ready
 from pipelines import deployments
 
 POSTGRES_GLOB = "/usr/lib/postgresql/*/bin"

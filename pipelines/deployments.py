@@ -1,8 +1,8 @@
 """prefect.yaml, read: the one declaration of the project's deployments.
 
-Both ways of running them read it: ``python -m pipelines.serve`` (one machine, ``.serve()``) and
-team mode's ``prefect deploy --all`` (ops/team.py). Light on purpose (no Prefect import), so the
-team commands stay quick.
+Both ways of running them read it: ``python -m pipelines.deployments_runner`` (one machine,
+``.serve()``) and team mode's ``prefect deploy --all`` (ops/team.py). Light on purpose (no Prefect
+import), so the team commands stay quick.
 """
 
 from __future__ import annotations

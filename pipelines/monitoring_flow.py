@@ -2,8 +2,9 @@
 
     python -m pipelines.monitoring_flow --last 500 [--retrain-on-drift]
 
-Served by ``python -m pipelines.serve`` on a schedule (``monitoring.check_every_minutes``). On
-drift it records a Prefect artifact with the verdict and, when asked, starts the training flow.
+Run by ``python -m pipelines.deployments_runner`` on a schedule
+(``monitoring.check_every_minutes``). On drift it records a Prefect artifact with the verdict
+and, when asked, starts the training flow.
 """
 
 from __future__ import annotations

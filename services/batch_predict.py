@@ -17,7 +17,12 @@ from pathlib import Path
 
 from imageclf.config import load_params
 from imageclf.data.store import IMAGE_SUFFIXES
-from imageclf.deploy.serving import ModelUnavailable, OnnxClassifier, classify_files, resolve_model
+from imageclf.deploy.inference import (
+    ModelUnavailable,
+    OnnxClassifier,
+    classify_files,
+    resolve_model,
+)
 from imageclf.io import atomic_path
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri

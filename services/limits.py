@@ -670,7 +670,8 @@ class RequestTimeout:
 def install_request_timeout() -> None:
     """Make BentoML build its apps with ``RequestTimeout`` (it looks the class up by name in
     ``bentoml._internal.server.http.traffic`` when it assembles the middleware stack, which
-    happens after the service module is imported)."""
+    happens after the service module is imported and before the service object is created:
+    so the service module calls this at import)."""
     from bentoml._internal.server.http import traffic
 
     traffic.TimeoutMiddleware = RequestTimeout  # type: ignore[misc, assignment]

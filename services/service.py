@@ -34,7 +34,7 @@ from prometheus_client import Counter, Histogram
 
 from imageclf.config import load_params
 from imageclf.deploy.champion import ChampionWatcher, LoadedVersion, bound_registry_calls
-from imageclf.deploy.serving import (
+from imageclf.deploy.inference import (
     AdaptiveBatcher,
     Decoder,
     Example,
@@ -69,11 +69,13 @@ from services.schemas import (
 )
 
 log = logging.getLogger("imageclf.service")
-PARAMS = load_params(get_paths().params)
-LIMITS = PARAMS.serving
+# Importing this module only defines the service; a worker sets itself up when BentoML builds the
+# service object (ImageClassifier.__init__). What stays at import is what BentoML reads from the
+# class before any instance exists: params.yaml's serving section (the decorator's workers and
+# access log, the endpoints' default top_k, the middlewares' limits at the end of this file), the
+# middleware stack itself, and RequestTimeout in place of BentoML's timeout middleware (there).
+LIMITS = load_params(get_paths().params).serving
 STATIC = Path(__file__).parent / "static"
-# Decodes uploads on serving.decode_threads threads per worker, off the event loop.
-DECODER = Decoder(LIMITS)
 
 
 def use_upload_temp_dir(path: str) -> None:
@@ -96,10 +98,6 @@ def use_upload_temp_dir(path: str) -> None:
     else:
         tempfile.tempdir = path
 
-
-use_upload_temp_dir(LIMITS.upload_temp_dir)
-bound_registry_calls(LIMITS.registry_timeout_s)
-install_request_timeout()
 
 web = FastAPI(title="imageclf web page", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -163,6 +161,14 @@ class ImageClassifier:
     """Fashion-MNIST (or any trained) classifier: the champion of the MLflow registry."""
 
     def __init__(self) -> None:
+        # This worker process's settings, before anything below makes a temp folder or asks the
+        # registry: upload temp files (and the model folder) on serving.upload_temp_dir, and
+        # MLflow's calls bounded by serving.registry_timeout_s.
+        use_upload_temp_dir(LIMITS.upload_temp_dir)
+        bound_registry_calls(LIMITS.registry_timeout_s)
+        params = load_params(get_paths().params)  # the registry and monitoring sections
+        # Decodes uploads on serving.decode_threads threads per worker, off the event loop.
+        self.decoder = Decoder(LIMITS)
         self.model: OnnxClassifier | None = None
         self.ref: ModelRef | None = None
         self.batcher: AdaptiveBatcher | None = None
@@ -173,7 +179,7 @@ class ImageClassifier:
         # the first look is here, the next ones every serving.poll_seconds (follow_champion).
         self.watcher = ChampionWatcher(
             tracking_uri(get_paths()),
-            PARAMS.registry.model_name,
+            params.registry.model_name,
             os.environ.get("IMAGECLF_SERVING_ALIAS", LIMITS.alias),
             LIMITS,
         )
@@ -183,10 +189,11 @@ class ImageClassifier:
             self._swap(loaded)
         self.not_ready_reason = self.watcher.reason
         self.prediction_log: BackgroundWriter | None = None
-        if PARAMS.monitoring.log_predictions:
-            path = get_paths().resolve(PARAMS.monitoring.log_path)
+        self.log_images = params.monitoring.log_images
+        if params.monitoring.log_predictions:
+            path = get_paths().resolve(params.monitoring.log_path)
             self.prediction_log = BackgroundWriter(
-                PredictionLog(path, PARAMS.monitoring.log_max_rows)
+                PredictionLog(path, params.monitoring.log_max_rows)
             )
         # Everything loaded so far (BentoML, MLflow, pydantic models...) lives as long as the
         # process: move it out of the garbage collector's sight, so full collections triggered
@@ -328,7 +335,7 @@ class ImageClassifier:
         ``version`` and ``classes`` are those of the model that answered, even across a swap."""
         assert self.prediction_log is not None
         now = time.time()
-        images = batch if PARAMS.monitoring.log_images else None
+        images = batch if self.log_images else None
 
         def rows() -> list[tuple]:
             return [
@@ -352,7 +359,7 @@ class ImageClassifier:
         """One upload decoded on the decoder's threads (off the event loop), or a 4xx."""
         model, _ = self._require_model()
         try:
-            return await DECODER.decode(source, model.size, model.channels, name=name)
+            return await self.decoder.decode(source, model.size, model.channels, name=name)
         except InputError as exc:
             raise _client_error(exc) from exc
 
@@ -527,6 +534,12 @@ def task_store_file() -> str:
 # all but health, metrics and the web page's HTML ask for it (the page then asks the person).
 API_TOKEN = os.environ.get("IMAGECLF_API_TOKEN") or None
 OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/ui/")
+
+# BentoML builds a worker's app (and so its middleware stack, with the TimeoutMiddleware class it
+# finds in bentoml._internal.server.http.traffic at that moment) right after importing this
+# module, and creates the ImageClassifier object only later, in the lifespan: __init__ would be
+# too late to swap in RequestTimeout, so it is swapped here (services/limits.py says why).
+install_request_timeout()
 
 # Outermost first: every refusal below gets one JSON shape; the token is checked before any
 # byte of the body is read; then the body's size, the upload form, the task store.

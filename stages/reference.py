@@ -9,7 +9,7 @@ import numpy as np
 
 from imageclf.config import Params
 from imageclf.data.store import load_dataset
-from imageclf.deploy.serving import OnnxClassifier, pick_examples, save_examples
+from imageclf.deploy.inference import OnnxClassifier, pick_examples, save_examples
 from imageclf.io import write_json
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from imageclf.config import Params
-from imageclf.deploy.serving import OnnxClassifier
+from imageclf.deploy.inference import OnnxClassifier
 from imageclf.paths import ProjectPaths
 from monitoring.features import pixel_features
 from monitoring.prediction_log import PredictionLog

@@ -23,10 +23,10 @@ import yaml
 from PIL import Image
 
 from imageclf.config import load_params
-from imageclf.local_servers import free_port, start
 from imageclf.paths import ProjectPaths
 from imageclf.registry import promote, register_workspace
 from imageclf.tracking import tracking_uri
+from ops.local_servers import free_port, start
 from stages import benchmark, download, evaluate, export, reference, train
 from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params, write_params
 

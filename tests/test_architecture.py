@@ -41,11 +41,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("evaluation",),
     # MLflow champion/challenger over exported ONNX files; reads the test data to register them.
     ("registry",),
-    # Export, optimization, distillation (it trains), serving (it follows the registry's champion).
+    # Export, optimization, distillation (it trains), inference and the champion watcher (it
+    # follows the registry's champion).
     ("deploy",),
     # Programs on top of the library, imported by no library module: the stage CLI harness, the
-    # reports for a person (summary reads the registry), local server processes for tests.
-    ("stage", "summary", "compare", "local_servers"),
+    # reports for a person (summary reads the registry). Starting local server processes (for
+    # team mode, tests, benchmarks) is not the library's: ops/local_servers.py.
+    ("stage", "summary", "compare"),
 )
 
 HOW_TO_FIX = (

@@ -26,8 +26,7 @@ import torch
 from imageclf.config import Params, load_params
 from imageclf.deploy.champion import ChampionWatcher, bound_registry_calls, remove_orphaned_folders
 from imageclf.deploy.export import export_onnx
-from imageclf.deploy.serving import resolve_model
-from imageclf.local_servers import free_port, output, start, stop
+from imageclf.deploy.inference import resolve_model
 from imageclf.models.zoo import build_model
 from imageclf.paths import ProjectPaths
 from imageclf.registry import (
@@ -38,6 +37,7 @@ from imageclf.registry import (
     rollback,
 )
 from imageclf.tracking import setup_mlflow, tracking_uri
+from ops.local_servers import free_port, output, start, stop
 from tests.conftest import FASHION_MNIST_DIR, tiny_params, write_params
 from tests.service_helpers import champion_project, png, start_server
 

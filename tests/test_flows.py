@@ -21,8 +21,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from imageclf.local_servers import output, start, stop
 from imageclf.paths import ProjectPaths
+from ops.local_servers import output, start, stop
 from tests.conftest import REPO, dvc_stages, repo_copy, tiny_params, write_imagefolder
 
 MODEL = "flow-test-model"
@@ -184,7 +184,7 @@ def test_ui_run_with_only_lr_changed_skips_the_data_stages(prefect_api, in_repo)
     subprocess.run([*git, "commit", "-qm", "keep the first run"], cwd=in_repo.root, check=True)
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-    server = start([sys.executable, "-m", "pipelines.serve"], env, cwd=in_repo.root)
+    server = start([sys.executable, "-m", "pipelines.deployments_runner"], env, cwd=in_repo.root)
     try:
         deadline = time.monotonic() + 120
         flow_run = None

@@ -23,12 +23,12 @@ from PIL import Image
 
 from benchmarks.serving import phone_photo, small_photo
 from imageclf.data.store import load_dataset
-from imageclf.deploy.serving import OnnxClassifier
-from imageclf.local_servers import stop
+from imageclf.deploy.inference import OnnxClassifier
 from imageclf.models.checkpoint import load_checkpoint
 from imageclf.models.zoo import split_head
 from imageclf.paths import ProjectPaths
 from imageclf.registry import register_workspace
+from ops.local_servers import stop
 from tests import service_helpers
 from tests.conftest import FASHION_MNIST_DIR, REPO, tiny_params
 from tests.service_helpers import DEFAULT_LIMITS, MAX_BYTES, MAX_IMAGES, png, start_server
@@ -379,7 +379,7 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path):
     for needed in (
         "services/service.py",
         "services/static/index.html",
-        "imageclf/deploy/serving.py",
+        "imageclf/deploy/inference.py",
         "imageclf/data/store.py",
         "params.yaml",
     ):
@@ -483,7 +483,7 @@ def test_prometheus_scrapes_the_service_and_alerts_on_drift(
     Prometheus through the service and fires ImageclfDriftDetected, and every metric the rules
     and the Grafana dashboard use is one this service really exposes."""
     from imageclf.io import write_json
-    from imageclf.local_servers import free_port, output, start
+    from ops.local_servers import free_port, output, start
     from ops.prometheus.config import write_config
     from tests.prometheus_helpers import (
         PROMETHEUS,

@@ -21,7 +21,7 @@ from PIL import EpsImagePlugin, Image
 
 from benchmarks.serving import phone_photo
 from imageclf.config import load_params
-from imageclf.deploy.serving import (
+from imageclf.deploy.inference import (
     UPLOAD_FORMATS,
     AdaptiveBatcher,
     InputError,
@@ -29,9 +29,9 @@ from imageclf.deploy.serving import (
     classify_files,
     decode_image,
 )
-from imageclf.local_servers import stop
 from imageclf.paths import ProjectPaths
 from imageclf.tracking import redact_uri, scrub_credentials
+from ops.local_servers import stop
 from tests import service_helpers
 from tests.conftest import FASHION_MNIST_DIR, REPO
 from tests.service_helpers import MAX_BYTES, MAX_IMAGES, start_server

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 import ops.team
-from imageclf.local_servers import free_port, group_alive
+from ops.local_servers import free_port, group_alive
 from ops.team import COMPONENTS, TOPOLOGY, Team, TeamError, load_team
 from pipelines.deployments import TRAINING, work_pool
 from tests.conftest import dvc_stages, repo_copy, tiny_params, write_imagefolder

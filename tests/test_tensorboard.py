@@ -15,10 +15,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from imageclf.local_servers import free_port, start, stop
 from imageclf.paths import ProjectPaths
 from imageclf.training.tensorboard import TensorBoardObserver
 from imageclf.training.watch import build_observers
+from ops.local_servers import free_port, start, stop
 from tests.conftest import REPO, tiny_params
 from tests.test_debugging import drive, small_model
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imageclf.config import ServingParams
-from imageclf.deploy.serving import (
+from imageclf.deploy.inference import (
     Example,
     ModelRef,
     ModelRejected,

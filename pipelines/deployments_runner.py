@@ -1,8 +1,11 @@
-"""Serve the flows as deployments so runs can be started from the Prefect UI with parameters.
+"""Run the flows' deployments in this process, so runs can be started from the Prefect UI.
 
-    prefect server start                 # terminal 1: the API and UI on http://127.0.0.1:4200
-    python -m pipelines.serve            # terminal 2: registers the deployments, runs what's asked
+    prefect server start                     # terminal 1: the API and UI on http://127.0.0.1:4200
+    python -m pipelines.deployments_runner   # terminal 2: registers the deployments, runs them
     open http://127.0.0.1:4200/deployments -> imageclf-training/train -> Run -> Custom run
+
+Prefect calls this "serving" the deployments (``prefect.serve``, which starts a Prefect Runner):
+nothing here serves HTTP requests or a model; that is services/service.py.
 
 This is the single-machine path. The deployments themselves are declared once, in prefect.yaml
 (name, description, tags, parameters), which team mode creates with `prefect deploy --all` for
@@ -68,7 +71,9 @@ def monitoring_deployment():  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.deployments_runner", description=__doc__
+    )
     parser.parse_args(argv)
     serve(training_deployment(), monitoring_deployment(), limit=2)
 

@@ -1,4 +1,4 @@
-"""What serving needs from the library: safe decoding, the ONNX model, adaptive batching.
+"""Inference with an exported model: safe decoding, the ONNX model, adaptive batching.
 
 Kept free of any web framework so the BentoML service, the offline batch command and the
 baseline server in ``benchmarks/`` share exactly the same code path.

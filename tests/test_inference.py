@@ -1,4 +1,5 @@
-"""Serving library: upload decoding and its limits, the ONNX classifier, adaptive batching."""
+"""imageclf/deploy/inference.py: upload decoding and its limits, the ONNX classifier, adaptive
+batching."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from benchmarks.serving import phone_photo, small_photo
 from imageclf.config import load_params
 from imageclf.deploy.export import export_onnx
-from imageclf.deploy.serving import (
+from imageclf.deploy.inference import (
     AdaptiveBatcher,
     InputError,
     OnnxClassifier,

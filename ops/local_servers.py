@@ -1,7 +1,8 @@
 """Start and stop local server processes (bentoml serve, uvicorn, a Prefect runner) on loopback.
 
 Servers run in their own process group so that stopping one also stops the workers it forked
-(BentoML and MLflow leave children behind otherwise). Used by the tests and the benchmarks.
+(BentoML and MLflow leave children behind otherwise). Used by team mode (ops/team.py), the tests
+and the benchmarks; not part of the library (imageclf/).
 """
 
 from __future__ import annotations

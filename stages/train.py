@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
-from imageclf.config import Params, TrainParams, ensemble_members
+from imageclf.config import Params, ensemble_members
 from imageclf.data.loaders import LoaderSettings, load_loader_settings
-from imageclf.data.store import load_dataset
+from imageclf.data.store import Dataset, load_dataset
 from imageclf.io import write_json
 from imageclf.models.checkpoint import ModelSpec, save_checkpoint
 from imageclf.models.ensemble import ensemble
-from imageclf.models.zoo import count_parameters
 from imageclf.paths import ProjectPaths
 from imageclf.stage import main
-from imageclf.tracking import experiment_tags, flatten, git_commit, params_hash, setup_mlflow
+from imageclf.tracking import setup_mlflow
 from imageclf.training import distributed
-from imageclf.training.engine import EpochMetrics, chosen_weights, set_threads, train_model
+from imageclf.training.callbacks import (
+    LastCheckpoint,
+    MlflowEpochLog,
+    log_debugging_reports,
+    log_epoch_rows,
+    log_run_setup,
+)
+from imageclf.training.engine import set_threads, train_model
+from imageclf.training.outcome import run_outcome, train_report
 from imageclf.training.resume import fingerprint, finished_member, member_file, resume_state
 from imageclf.training.spec import PreparedRun, prepare_run
 from imageclf.training.watch import build_observers
@@ -45,61 +52,44 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             distributed.shutdown()
 
 
+def _members(
+    runs: list[Params], dataset: Dataset, paths: ProjectPaths, resume: str
+) -> Iterator[tuple[int, PreparedRun, dict[str, Any], dict[str, Any] | None]]:
+    """Each run to train (the one, or an ensemble's members), prepared: (its index, the run, the
+    fingerprint a checkpoint must match to resume it, and for an ensemble member that a killed
+    run finished, what it left in models/checkpoints/member-<i>.pt; else None)."""
+    train_hash, world = str(dataset.meta.get("train_hash")), distributed.world_size()
+    for index, run_params in enumerate(runs):
+        member = prepare_run(run_params, dataset, paths)
+        wanted = fingerprint(member.params, train_hash, world)
+        if len(runs) == 1:
+            yield index, member, wanted, None
+            continue
+        wanted = {**wanted, "ensemble_member": repr(index)}
+        done = finished_member(member_file(paths.last_checkpoint, index), wanted, resume)
+        yield index, member, wanted, done
+
+
 def _train_one(
-    index: int,
     member: PreparedRun,
+    index: int | None,
     wanted: dict[str, Any],
     paths: ProjectPaths,
     loader: LoaderSettings,
-    active: Any,
+    run_name: str,
     tmp: str,
     step0: int,
-    ensembled: bool,
 ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
-    """Train one run inside the stage's MLflow run: (the weights to keep, its epoch rows, its
-    outcome). Epoch metrics go to MLflow at steps from ``step0`` on (an ensemble's members
-    follow one another); an ensemble's rows carry their member's index."""
-    import mlflow
-
+    """Train one run (ensemble member ``index``) inside the stage's MLflow run ``run_name``:
+    (the weights to keep, its epoch rows, its outcome)."""
     cfg = member.params.train
-    tag = {"member": index} if ensembled else {}
     # models/checkpoints/last.pt of a killed run with the same parameters and data: continue it
     # (every rank reads it: each has its own random states in it).
     resume = resume_state(paths.last_checkpoint, wanted, cfg.resume)
-    rows: list[dict[str, Any]] = [
-        {**EpochMetrics(**row).as_dict(), **tag} for row in (resume["history"] if resume else [])
-    ]
-    if resume is not None:  # the killed run's epochs are logged again, in this MLflow run
-        key = f"resumed_after_epoch_member_{index}" if tag else "resumed_after_epoch"
-        mlflow.set_tag(key, resume["epoch"])
-    for i, row in enumerate(rows):
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step0 + i)
-    folder = f"checkpoints/member-{index}" if tag else "checkpoints"
-
-    def on_epoch_end(metrics: EpochMetrics, model_: Any, _opt: Any) -> None:
-        row = {**metrics.as_dict(), **tag}
-        rows.append(row)
-        step = step0 + len(rows) - 1
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
-        epoch_copy = Path(tmp) / f"epoch_{metrics.epoch:03d}.pt"
-        save_checkpoint(epoch_copy, model_, member.spec, extra={"epoch": metrics.epoch})
-        mlflow.log_artifact(str(epoch_copy), artifact_path=folder)
-
-    def save_state(state: dict[str, Any]) -> None:
-        # models/model.pt is replaced only when training completes; a crash leaves the last
-        # good model in place and the latest epoch, with all it takes to continue, in
-        # models/checkpoints/last.pt (written atomically: never half a file).
-        save_checkpoint(
-            paths.last_checkpoint,
-            member.model,
-            member.spec,
-            extra={"epoch": state["epoch"], "resume": {**state, "fingerprint": wanted}},
-        )
-
-    # TensorBoard, gradient flow, activation statistics (rank 0 only; train_model closes
-    # them); the TensorBoard folder is named after this MLflow run (and member).
-    run_name = f"{active.info.run_name}-{active.info.run_id[:8]}"
-    observers = build_observers(cfg, paths, f"{run_name}-member-{index}" if tag else run_name)
+    epochs = MlflowEpochLog(member.spec, Path(tmp), step0, resume, index)
+    last = LastCheckpoint(paths.last_checkpoint, member.model, member.spec, wanted)
+    # TensorBoard (its folder named after the MLflow run and member), gradient flow, activations.
+    board = run_name if index is None else f"{run_name}-member-{index}"
     history = train_model(
         member.model,
         member.train,
@@ -107,78 +97,15 @@ def _train_one(
         cfg,
         seed=member.params.seed,
         loader=loader,
-        on_epoch_end=on_epoch_end,
-        observers=observers,
+        observers=[epochs, last, *build_observers(cfg, paths, board)],
         resume=resume,
-        save_state=save_state,
     )
-    for report in (
-        paths.gradient_flow_plot,
-        paths.gradient_flow_report,
-        paths.activation_stats_report,
-    ):
-        if report.is_file():
-            mlflow.log_artifact(str(report), artifact_path="debugging")
-    final = history.final
-    weights = chosen_weights(history)
-    kept = history.ema.module if weights == "ema" and history.ema is not None else member.model
-    outcome = {
-        "seed": member.params.seed,
-        "epochs": len(history.epochs),
-        "train_seconds": history.seconds,
-        "train_loss": final.train_loss,
-        "train_accuracy": final.train_accuracy,
-        "val_accuracy": final.val_accuracy if final.val_accuracy is not None else -1.0,
-        "images_per_second": float(np.mean([e.images_per_second for e in history.epochs])),
-        # Which weights are kept: the trained ones or their EMA (train.ema_decay), whichever
-        # validated better in the last epoch.
-        "weights": weights,
-        "ema_val_accuracy": final.ema_val_accuracy if final.ema_val_accuracy is not None else -1.0,
-        "best_epoch": history.best_epoch if history.best_epoch is not None else -1,
-        "stopped_early": history.stopped_early,
-        "resumed_after_epoch": history.resumed_after_epoch,
-    }
-    return kept, rows, outcome
-
-
-def _result(
-    cfg: TrainParams, model: nn.Module, members: list[dict[str, Any]], run_id: str
-) -> dict[str, Any]:
-    """reports/train.json: one run's outcome; for an ensemble, the sums (epochs, seconds), the
-    members' mean (losses, accuracies, images/s) and every member's outcome under "members".
-    An ensemble's val_accuracy is its members' mean: each member has its own validation split
-    (its seed's), which the other members trained on, so no split scores the ensemble; the
-    evaluate stage's test accuracy does."""
-    first = members[0]
-    result: dict[str, Any] = {"model": cfg.model, "parameters": count_parameters(model)}
-    if len(members) == 1:
-        result.update(first)
-    else:
-
-        def mean(key: str) -> float:
-            return float(np.mean([m[key] for m in members]))
-
-        result.update(
-            {
-                "epochs": sum(m["epochs"] for m in members),
-                "train_seconds": sum(m["train_seconds"] for m in members),
-                **{
-                    k: mean(k)
-                    for k in ("train_loss", "train_accuracy", "val_accuracy", "images_per_second")
-                },
-                "weights": "ensemble",
-                "ema_val_accuracy": mean("ema_val_accuracy")
-                if all(m["ema_val_accuracy"] >= 0 for m in members)
-                else -1.0,
-                "best_epoch": -1,
-                "stopped_early": any(m["stopped_early"] for m in members),
-                "resumed_after_epoch": first["resumed_after_epoch"],
-                "members": members,
-            }
-        )
-    result.update({"mlflow_run_id": run_id, "world_size": distributed.world_size()})
-    result.pop("seed", None)
-    return result
+    log_debugging_reports(paths)
+    kept, outcome = run_outcome(history, member.model, member.params.seed)
+    if index is not None:  # an ensemble's killed run continues after the members it finished
+        extra = {"fingerprint": wanted, "history": epochs.rows, "outcome": outcome}
+        save_checkpoint(member_file(paths.last_checkpoint, index), kept, member.spec, extra=extra)
+    return kept, epochs.rows, outcome
 
 
 def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
@@ -190,121 +117,48 @@ def _run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     runs = ensemble_members(params)
     ensembled = len(runs) > 1
     loader = load_loader_settings(paths.loader_config)
-    world = distributed.world_size()
-    train_hash = str(dataset.meta.get("train_hash"))
-
-    def wanted(index: int, member: PreparedRun) -> dict[str, Any]:
-        found = fingerprint(member.params, train_hash, world)
-        return {**found, "ensemble_member": repr(index)} if ensembled else found
-
     if not distributed.is_main():  # a DDP worker: train its shards, leave the records to rank 0
-        for index, run_params in enumerate(runs):
-            member = prepare_run(run_params, dataset, paths)
-            if ensembled and finished_member(
-                member_file(paths.last_checkpoint, index), wanted(index, member), cfg.resume
-            ):
-                continue
-            resume = resume_state(paths.last_checkpoint, wanted(index, member), cfg.resume)
-            train_model(
-                member.model,
-                member.train,
-                member.val,
-                member.params.train,
-                seed=member.params.seed,
-                loader=loader,
-                resume=resume,
-            )
+        for _, member, wanted, done in _members(runs, dataset, paths, cfg.resume):
+            if done is None:  # as rank 0 trains it, without the records
+                resume = resume_state(paths.last_checkpoint, wanted, cfg.resume)
+                args = (member.model, member.train, member.val, member.params.train)
+                train_model(*args, seed=member.params.seed, loader=loader, resume=resume)
         return {"rank": distributed.rank()}
     setup_mlflow(paths, cfg.mlflow_experiment)
-    history_rows: list[dict[str, Any]] = []
-    kept_models: list[nn.Module] = []
-    members: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    models: list[nn.Module] = []
     specs: list[ModelSpec] = []
+    outcomes: list[dict[str, Any]] = []
     name = f"{cfg.model}-w{cfg.width}-e{cfg.epochs}" + (f"-x{len(runs)}" * ensembled)
-    with (
-        mlflow.start_run(run_name=name) as active,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        mlflow.set_tags(
-            {
-                "git_commit": git_commit(paths.root),
-                "data_train_hash": dataset.meta["train_hash"],
-                "data_test_hash": dataset.meta["test_hash"],
-                "params_hash": params_hash(params),
-                "stage": "train",
-                # Set by `dvc exp run` and by the Prefect flow's experiment workspace.
-                **experiment_tags(),
-            }
-        )
-        mlflow.log_params(
-            {
-                k: v
-                for k, v in flatten("", params.model_dump(by_alias=True)).items()
-                if k.split(".")[0] in ("train", "data", "seed") and k != "data.sources"
-            }
-        )
-        mlflow.log_params({"loader." + k: v for k, v in loader.as_dict().items()})
-        mlflow.log_param("world_size", world)
-        for index, run_params in enumerate(runs):
-            member = prepare_run(run_params, dataset, paths)
-            specs.append(member.spec)
-            done = (
-                finished_member(
-                    member_file(paths.last_checkpoint, index), wanted(index, member), cfg.resume
-                )
-                if ensembled
-                else None
-            )
+    with mlflow.start_run(run_name=name) as active, tempfile.TemporaryDirectory() as tmp:
+        log_run_setup(params, paths, dataset.meta, loader, distributed.world_size())
+        run_name = f"{active.info.run_name}-{active.info.run_id[:8]}"
+        for index, member, wanted, done in _members(runs, dataset, paths, cfg.resume):
             if done is not None:  # trained before this run was killed: reuse it
                 log.info("ensemble member %d: trained by the killed run, reused", index)
                 member.model.load_state_dict(done["state_dict"])
-                rows, outcome = done["history"], done["outcome"]
-                for row in rows:
-                    mlflow.log_metrics(
-                        {k: v for k, v in row.items() if k != "epoch"}, step=len(history_rows)
-                    )
-                    history_rows.append(row)
-                kept_models.append(member.model)
-                members.append(outcome)
-                continue
-            kept, rows, outcome = _train_one(
-                index,
-                member,
-                wanted(index, member),
-                paths,
-                loader,
-                active,
-                tmp,
-                len(history_rows),
-                ensembled,
-            )
-            history_rows.extend(rows)
-            kept_models.append(kept)
-            members.append(outcome)
-            if ensembled:  # a killed run continues after the members it finished
-                save_checkpoint(
-                    member_file(paths.last_checkpoint, index),
-                    kept,
-                    member.spec,
-                    extra={
-                        "fingerprint": wanted(index, member),
-                        "history": rows,
-                        "outcome": outcome,
-                    },
-                )
+                log_epoch_rows(done["history"], len(rows))
+                model, member_rows, outcome = member.model, done["history"], done["outcome"]
+            else:
+                tag = index if ensembled else None
+                trained = _train_one(member, tag, wanted, paths, loader, run_name, tmp, len(rows))
+                model, member_rows, outcome = trained
+            rows += member_rows
+            models.append(model)
+            specs.append(member.spec)
+            outcomes.append(outcome)
         # The ensemble's input contract is its first member's (all share the architecture and
         # the data; each member's own normalisation travels in its weights).
         spec = replace(specs[0], members=len(runs))
-        final_model = ensemble(kept_models) if ensembled else kept_models[0]
-        save_checkpoint(paths.checkpoint, final_model, spec, extra={"epoch": members[-1]["epochs"]})
+        final_model = ensemble(models) if ensembled else models[0]
+        epochs = outcomes[-1]["epochs"]
+        save_checkpoint(paths.checkpoint, final_model, spec, extra={"epoch": epochs})
         for index in range(len(runs)):
             member_file(paths.last_checkpoint, index).unlink(missing_ok=True)
-        result = _result(cfg, final_model, members, active.info.run_id)
-        mlflow.log_metrics(
-            {"train_seconds": result["train_seconds"], "parameters": result["parameters"]}
-        )
+        result = train_report(cfg, final_model, outcomes, active.info.run_id)
+        mlflow.log_metrics({k: result[k] for k in ("train_seconds", "parameters")})
         mlflow.log_dict(spec.input_contract(), "input_contract.json")
-    write_json(paths.train_history, history_rows)
+    write_json(paths.train_history, rows)
     write_json(paths.train_report, result)
     return result
 

@@ -165,6 +165,26 @@ def test_gradual_unfreezing_adds_one_group_per_epoch_from_the_top(source_checkpo
     assert all(p.requires_grad for p in model.parameters())  # released after training
 
 
+def test_frozen_groups_never_learn_and_the_ones_above_do(source_checkpoint):
+    """train.frozen_groups: the lowest groups keep their pretrained weights and statistics for
+    the whole run (no backward through them), the rest trains from the first epoch."""
+    model = pretrained_resnet(source_checkpoint)
+    path, _ = source_checkpoint
+    cfg = tiny_params(
+        train={
+            "epochs": 2, "frozen_groups": 2, "freeze_bn": False, "batch_size": 16,
+            "init_from": str(path), "optimizer": "adamw", "lr": 0.01,
+        }
+    ).train  # fmt: skip
+    states = snapshots(model, cfg, synthetic_split(12, num_classes=3))
+    # body children, each with weights a group: 0 stem, 1 conv, 2 residual, 3 conv, 4 residual
+    # (top), 7 classifier
+    for epoch in (1, 2):
+        learned = [changed(states[epoch - 1], states[epoch], f"1.{i}.") for i in (0, 1, 2, 3, 4, 7)]
+        assert learned == [False, False, True, True, True, True]
+    assert all(p.requires_grad for p in model.parameters())  # released after training
+
+
 def test_frozen_batch_norm_keeps_its_statistics_and_affine_while_convs_learn(source_checkpoint):
     path, _ = source_checkpoint
     split = synthetic_split(12, num_classes=3)
@@ -252,6 +272,8 @@ def test_train_stage_refuses_transfer_settings_it_cannot_honour(rgb_project, sou
         )
     with pytest.raises(StageError, match=r"features needs train\.init_from or train\.pretrained"):
         train.run(tiny_params(train={"transfer": "features"}), rgb_project)
+    with pytest.raises(StageError, match=r"train\.frozen_groups needs train\.init_from"):
+        train.run(tiny_params(train={"frozen_groups": 2}), rgb_project)
     with pytest.raises(StageError, match="has no pretrained weights"):
         train.run(tiny_params(train={"pretrained": "imagenet"}), rgb_project)
 

@@ -80,6 +80,8 @@ def check_transfer_params(cfg: TrainParams) -> None:
         needs.append("train.transfer: features")
     if cfg.unfreeze == "gradual":
         needs.append("train.unfreeze: gradual")
+    if cfg.frozen_groups:
+        needs.append("train.frozen_groups")
     if needs and not start:
         raise StageError(
             f"{', '.join(needs)} needs train.init_from or train.pretrained (freezing random "

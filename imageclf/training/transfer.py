@@ -72,6 +72,7 @@ class TransferPlan:
     layer_lr_decay: float
     freeze_bn: bool
     features_only: bool = False
+    frozen_groups: int = 0
     _params: list[list[nn.Parameter]] = field(default_factory=list, init=False, repr=False)
 
     @classmethod
@@ -85,6 +86,7 @@ class TransferPlan:
             layer_lr_decay=cfg.layer_lr_decay,
             freeze_bn=cfg.freeze_bn and pretrained,
             features_only=cfg.transfer == "features" and pretrained,
+            frozen_groups=cfg.frozen_groups if pretrained else 0,
         )
 
     @staticmethod
@@ -95,6 +97,7 @@ class TransferPlan:
             or cfg.layer_lr_decay < 1.0
             or (pretrained and (cfg.freeze_bn or cfg.transfer == "features"))
             or (pretrained and cfg.unfreeze == "gradual")
+            or (pretrained and cfg.frozen_groups > 0)
         )
 
     def backbone_bn(self) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -138,12 +141,14 @@ class TransferPlan:
 
     def learning_depth(self, epoch: int) -> int:
         """The deepest group that learns in ``epoch`` (1-based): 0 while only the classifier
-        trains, then all at once or one more per epoch."""
+        trains, then all at once or one more per epoch, never one of the ``frozen_groups``
+        lowest."""
         if self.features_only or epoch <= self.freeze_epochs:
             return 0
+        deepest = max(len(self.groups) - 1 - self.frozen_groups, 0)
         if self.unfreeze == "gradual":
-            return epoch - self.freeze_epochs
-        return len(self.groups) - 1
+            return min(epoch - self.freeze_epochs, deepest)
+        return deepest
 
     def start_epoch(self, epoch: int, toggle_requires_grad: bool) -> list[nn.Parameter]:
         """Put each group in train or eval mode for ``epoch`` (after ``model.train()``) and

@@ -11,9 +11,13 @@ timeout still leaves the sections it got through):
                  autocast and a GradScaler (it has no switch for fp32 or bf16), data from a CPU
                  DataLoader.
 * ``precision``  the script's loop, not the engine's: the same model, optimizer, LR schedule,
-                 loss, clipping and per-step ``.item()`` syncs as ``train_model``, with data
-                 already on the device, so that fp32 / bf16 / fp16+GradScaler / channels_last can
-                 be compared (the engine cannot be told to run them).
+                 loss and clipping as ``train_model``, with data already on the device, so that
+                 fp32 / bf16 / fp16+GradScaler / channels_last can be compared (the engine
+                 cannot be told to run them). Each step also reads its loss and correct count
+                 with ``.item()``, as the engine once did every step; the engine now keeps its
+                 running sums on the device and reads them once an epoch (a step's loss and
+                 grad norm only when an observer looks; ``check_finite`` still reads one bool
+                 per micro-batch). The "no per-step .item() sync" variant drops those reads.
 * ``compile``    torch.compile: compile time and steady-state images/s against eager, for
                  inference (default and reduce-overhead) and for the engine's training step.
 * ``ddp``        DDP over NCCL through :mod:`imageclf.training.distributed`: two ranks on the
@@ -170,7 +174,10 @@ def make_train_step(
     sync_each_step: bool = True,
 ) -> Step:
     """One optimizer step as ``train_model`` takes it (same optimizer groups, LR schedule, loss,
-    GradScaler, clipping and per-step ``.item()`` syncs), with a choosable precision/layout.
+    GradScaler and clipping), with a choosable precision/layout. ``sync_each_step`` adds two
+    ``.item()`` reads a step (loss, correct count): the engine's syncs before it kept its running
+    sums on the device; it now reads them once an epoch, and one bool a micro-batch
+    (``check_finite``).
 
     ``model`` runs the forward pass (possibly compiled or DDP-wrapped); ``params_of`` owns the
     parameters the optimizer and clipping see."""
@@ -194,7 +201,7 @@ def make_train_step(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        if sync_each_step:  # what train_model's running loss/accuracy cost it every step
+        if sync_each_step:  # what train_model's running loss/accuracy once cost it every step
             loss.item()
             (logits.argmax(1) == labels).sum().item()
         return loss
@@ -412,7 +419,8 @@ def section_precision(run: Run, images: torch.Tensor, labels: torch.Tensor) -> d
     variants.append(("engine config, no per-step .item() sync", torch.float16, True, False))
     out: dict[str, Any] = {
         "what": "the script's loop, not the engine's: train_model's step (optimizer, OneCycle, "
-        "label-smoothed CE, clipping, per-step .item() syncs) on device-resident data",
+        "label-smoothed CE, clipping) plus two per-step .item() syncs (the engine's before it "
+        "kept its running sums on the device) on device-resident data",
         "batch_size": batch,
         "variants": _precision_variants(run, images, labels, batch, variants),
     }

@@ -52,7 +52,9 @@ def run_stage(
 
 def main(fn: StageFn, argv: list[str] | None = None) -> None:
     name = Path(inspect.getfile(fn)).stem
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=fn.__doc__)
+    spec = getattr(sys.modules.get(fn.__module__), "__spec__", None)  # __main__ under -m
+    module = spec.name if spec is not None else f"stages.{name}"
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=fn.__doc__)
     parser.add_argument("--params", type=Path, default=None, help="params.yaml to use")
     args = parser.parse_args(argv)
     configure_logging()

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("imageclf", "stages", "pipelines", "services", "monitoring", "ops")
+PACKAGES = ("imageclf", "stages", "pipelines", "services", "monitoring", "ops", "course")
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -46,6 +46,8 @@ def test_project_keeps_its_import_contracts() -> None:
         ("imageclf", "stages", "The library (imageclf) imports no stage"),
         ("services", "stages", "Services import no stage"),
         ("stages", "pipelines", "Stages import no flow"),
+        ("imageclf", "course", "The product imports no course-only code"),
+        ("services", "course", "The product imports no course-only code"),
     ],
 )
 def test_contracts_catch_a_violation(

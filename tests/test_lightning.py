@@ -1,4 +1,4 @@
-"""The Lightning adapter (imageclf/training/lightning_adapter.py, course bonus B) trains the same
+"""The Lightning adapter (course/lightning_adapter.py, course bonus B) trains the same
 model on the same data as the engine, to the same accuracy, and writes a checkpoint the
 evaluate stage reads."""
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from course.lightning_adapter import ImageDataModule, check_supported, fit
 from imageclf.data.fashion_mnist import parse_idx
 from imageclf.data.store import Dataset, Split
 from imageclf.errors import StageError
 from imageclf.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from imageclf.seeding import seed_everything
 from imageclf.training.engine import predict_logits, train_model
-from imageclf.training.lightning_adapter import ImageDataModule, check_supported, fit
 from tests.conftest import FASHION_MNIST_DIR, tiny_params
 
 TRAIN_IMAGES, TEST_IMAGES = 3000, 1000

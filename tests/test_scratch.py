@@ -1,11 +1,11 @@
-"""Backpropagation by hand against autograd (imageclf/models/scratch.py)."""
+"""Backpropagation by hand against autograd (course/autograd_by_hand.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from imageclf.models.scratch import ScratchMLP, SoftmaxCrossEntropy, softmax_cross_entropy
+from course.autograd_by_hand import ScratchMLP, SoftmaxCrossEntropy, softmax_cross_entropy
 from imageclf.models.zoo import build_model
 from tests.conftest import synthetic_split
 

@@ -1,4 +1,4 @@
-"""The tensor calculator (tools/tensor_calc.py, Mini-Project 1): results against NumPy and
+"""The tensor calculator (course/tensor_calc.py, Mini-Project 1): results against NumPy and
 torch computed here independently, errors that name the shapes, autograd against known
 derivatives, refused Python, exit codes."""
 
@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from course.tensor_calc import BAD_INPUT, CHECK_FAILED, OK, main
 from tests.conftest import REPO
-from tools.tensor_calc import BAD_INPUT, CHECK_FAILED, OK, main
 
 
 def calc(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict, str]:
@@ -128,7 +128,7 @@ def test_python_beyond_arithmetic_is_refused_not_run(capsys, tmp_path, monkeypat
 def test_command_line_exit_codes():
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "tools.tensor_calc", *argv],
+            [sys.executable, "-m", "course.tensor_calc", *argv],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -331,7 +331,7 @@ def mlp_hidden_sizes(width: int) -> tuple[int, ...]:
     """The hidden layers of ``mlp``, widest first, from ``train.width`` (16: 512 then 256).
 
     One definition for the registered model and the hand-written one in
-    :mod:`imageclf.models.scratch`, so the two are the same network with and without autograd."""
+    :mod:`course.autograd_by_hand`, so the two are the same network with and without autograd."""
     return (32 * width, 16 * width)
 
 

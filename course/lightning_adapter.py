@@ -10,7 +10,7 @@ become Trainer arguments instead of code. What it costs: exact resume and the en
 observers (TensorBoard, gradient flow) are the engine's, and EMA and transfer learning are not
 wired here (refused with a message).
 
-    python -m imageclf.training.lightning_adapter [--params params.yaml]
+    python -m course.lightning_adapter [--params params.yaml]
 
 trains ``train.model`` from params.yaml and writes ``models/model.pt`` with
 :func:`~imageclf.models.checkpoint.save_checkpoint`, so ``dvc repro evaluate`` (or
@@ -20,6 +20,7 @@ trains ``train.model`` from params.yaml and writes ``models/model.pt`` with
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # The stage CLI sits above the library (tests/test_architecture.py): only the program uses it.
+    # Only the program uses the stage CLI. It shows the library's loggers ("imageclf") at INFO;
+    # this module's logger is under "course", so it gets the same level here.
     from imageclf.stage import main
 
+    logging.getLogger("course").setLevel(os.environ.get("IMAGECLF_LOG_LEVEL", "INFO"))
     main(run)

@@ -1,12 +1,12 @@
 """A tensor calculator (the course's Mini-Project 1): reshape, matrix multiplication,
 broadcasting and gradients, with errors that explain the rule that failed.
 
-    python -m tools.tensor_calc "a @ b" --a "[[1,2],[3,4]]" --b "[[5],[6]]"
-    python -m tools.tensor_calc eval "softmax(a, dim=1) * 2" --a "[[1.0, 2.0]]"
-    python -m tools.tensor_calc reshape "[1,2,3,4,5,6]" --shape 3,-1
-    python -m tools.tensor_calc broadcast "[1,2,3]" "[[10],[20]]"
-    python -m tools.tensor_calc grad "x**2 + 3*x" --at 2.0 --check
-    python -m tools.tensor_calc grad "sum(exp(x) * w)" --at "[0.0, 1.0]" --w "[1.0, 2.0]"
+    python -m course.tensor_calc "a @ b" --a "[[1,2],[3,4]]" --b "[[5],[6]]"
+    python -m course.tensor_calc eval "softmax(a, dim=1) * 2" --a "[[1.0, 2.0]]"
+    python -m course.tensor_calc reshape "[1,2,3,4,5,6]" --shape 3,-1
+    python -m course.tensor_calc broadcast "[1,2,3]" "[[10],[20]]"
+    python -m course.tensor_calc grad "x**2 + 3*x" --at 2.0 --check
+    python -m course.tensor_calc grad "sum(exp(x) * w)" --at "[0.0, 1.0]" --w "[1.0, 2.0]"
 
 Tensors are written as (nested) Python lists of numbers. Expressions are parsed with ``ast``
 and only arithmetic (``+ - * / // % ** @``, unary minus), numbers, the named tensors and the
@@ -421,7 +421,7 @@ def named_tensors(extra: list[str]) -> dict[str, torch.Tensor]:
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: a tensor named --j must not be taken for --json.
     parser = argparse.ArgumentParser(
-        prog="python -m tools.tensor_calc",
+        prog="python -m course.tensor_calc",
         allow_abbrev=False,
         description="Tensor calculator: evaluate, reshape, broadcast, differentiate. "
         'Name tensors with --NAME VALUE (e.g. --a "[[1,2],[3,4]]").',

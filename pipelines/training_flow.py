@@ -32,6 +32,7 @@ from imageclf.tracking import tracking_uri
 from pipelines.dvc_experiment import (
     StageFailed,
     StageOutcome,
+    StageSpec,
     Workspace,
     create_workspace,
     default_remote,
@@ -168,6 +169,71 @@ def promote_task(workspace: Workspace, version: str, tracking: str) -> dict[str,
     return asdict(decision)
 
 
+def _run_stage(workspace: Workspace, spec: StageSpec, tracking: str) -> StageOutcome | StageFailure:
+    """One stage as its own named task with its retries; its StageFailure if the stage failed."""
+    stage_task = dvc_stage.with_options(name=spec.name, retries=spec.retries, retry_delay_seconds=5)
+    state = stage_task(workspace, spec.name, tracking, return_state=True)
+    failure = state.result(raise_on_failure=False) if state.is_failed() else None
+    if isinstance(failure, StageFailure):
+        return failure
+    return state.result()
+
+
+def _summary_markdown(result: dict[str, Any], promotion: str) -> str:
+    """The run's summary table, the artifact a person reads in the Prefect UI."""
+    return (
+        f"# Training run\n\n| | |\n|---|---|\n| overrides | `{result['overrides'] or 'none'}` |\n"
+        f"| DVC experiment | `{result['experiment']}` ({result['experiment_commit'][:8]}) |\n"
+        f"| stages run | {', '.join(result['stages_run']) or 'none'} |\n"
+        f"| stages skipped (unchanged) | {', '.join(result['stages_skipped']) or 'none'} |\n"
+        f"| DVC remote (pulled, pushed) | {result['dvc_remote'] or 'none'} |\n"
+        f"| test accuracy | {result['test_accuracy']:.4f} |\n"
+        f"| MLflow run | `{result['run_id']}` |\n"
+        f"| registered version | {result['version']} |\n"
+        f"| promotion | {promotion} |\n"
+    )
+
+
+def _publish(
+    workspace: Workspace,
+    remote: str | None,
+    outcomes: list[StageOutcome],
+    overrides: dict[str, Any],
+    tracking: str,
+    promote: bool,
+) -> dict[str, Any]:
+    """After the stages: save, push, register and maybe promote, then summarise the run."""
+    logger = get_run_logger()
+    commit = save(workspace)
+    if remote is not None:
+        push(workspace, remote)
+    registered = register(workspace, commit, tracking)
+    decision = promote_task(workspace, registered["version"], tracking) if promote else None
+    accuracy = read_json(get_paths(workspace.root).evaluate_report)["test_accuracy"]
+    remove_workspace(workspace)
+    ran = [o.stage for o in outcomes if o.ran]
+    skipped = [o.stage for o in outcomes if not o.ran]
+    logger.info("stages run: %s; skipped by DVC: %s", ran, skipped or "none")
+    result = {
+        "experiment": workspace.name,
+        "experiment_commit": commit,
+        "run_id": registered["run_id"],
+        "version": registered["version"],
+        "test_accuracy": accuracy,
+        "promoted": bool(decision and decision["promoted"]),
+        "overrides": overrides,
+        "stages_run": ran,
+        "stages_skipped": skipped,
+        "dvc_remote": remote,
+    }
+    create_markdown_artifact(
+        key="training-summary",
+        markdown=_summary_markdown(result, decision["reason"] if decision else "skipped"),
+        description="What this run trained and whether it became champion",
+    )
+    return result
+
+
 @flow(name="imageclf-training", log_prints=True)
 def training_flow(
     model: str | None = None,
@@ -204,59 +270,20 @@ def training_flow(
     try:
         remote = pull(workspace)
         for spec in pipeline_stages(workspace.root):
-            stage_task = dvc_stage.with_options(
-                name=spec.name, retries=spec.retries, retry_delay_seconds=5
-            )
-            state = stage_task(workspace, spec.name, tracking, return_state=True)
-            failure = state.result(raise_on_failure=False) if state.is_failed() else None
-            if isinstance(failure, StageFailure):
+            outcome = _run_stage(workspace, spec, tracking)
+            if isinstance(outcome, StageFailure):
                 logger.error(
                     "the experiment's workspace is kept for inspection: %s", workspace.root
                 )
                 # The stage's message, once: this flow run's state message (and its exception).
                 return Failed(
-                    message=failure.message, data=StageFailed(failure.stage, failure.message)
+                    message=outcome.message, data=StageFailed(outcome.stage, outcome.message)
                 )
-            outcomes.append(state.result())
+            outcomes.append(outcome)
     except Exception:
         logger.error("the experiment's workspace is kept for inspection: %s", workspace.root)
         raise
-    commit = save(workspace)
-    if remote is not None:
-        push(workspace, remote)
-    registered = register(workspace, commit, tracking)
-    decision = promote_task(workspace, registered["version"], tracking) if promote else None
-    accuracy = read_json(get_paths(workspace.root).evaluate_report)["test_accuracy"]
-    remove_workspace(workspace)
-    ran = [o.stage for o in outcomes if o.ran]
-    skipped = [o.stage for o in outcomes if not o.ran]
-    logger.info("stages run: %s; skipped by DVC: %s", ran, skipped or "none")
-    create_markdown_artifact(
-        key="training-summary",
-        markdown=(
-            f"# Training run\n\n| | |\n|---|---|\n| overrides | `{overrides or 'none'}` |\n"
-            f"| DVC experiment | `{workspace.name}` ({commit[:8]}) |\n"
-            f"| stages run | {', '.join(ran) or 'none'} |\n"
-            f"| stages skipped (unchanged) | {', '.join(skipped) or 'none'} |\n"
-            f"| DVC remote (pulled, pushed) | {remote or 'none'} |\n"
-            f"| test accuracy | {accuracy:.4f} |\n| MLflow run | `{registered['run_id']}` |\n"
-            f"| registered version | {registered['version']} |\n"
-            f"| promotion | {decision['reason'] if decision else 'skipped'} |\n"
-        ),
-        description="What this run trained and whether it became champion",
-    )
-    return {
-        "experiment": workspace.name,
-        "experiment_commit": commit,
-        "run_id": registered["run_id"],
-        "version": registered["version"],
-        "test_accuracy": accuracy,
-        "promoted": bool(decision and decision["promoted"]),
-        "overrides": overrides,
-        "stages_run": ran,
-        "stages_skipped": skipped,
-        "dvc_remote": remote,
-    }
+    return _publish(workspace, remote, outcomes, overrides, tracking, promote)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -269,6 +269,102 @@ def describe_bad(rows: list[dict[str, object]]) -> str:
     )
 
 
+def _file_tasks(
+    files: dict[str, list[tuple[Path, int]]],
+    size: int,
+    channels: int,
+    fraction: float,
+    seed: int,
+    max_pixels: int,
+) -> list[FileTask]:
+    """The files to decode: a stratified ``fraction`` of each split, train first, in list order."""
+    tasks: list[FileTask] = []
+    for split in ("train", "test"):
+        labels = np.asarray([label for _, label in files[split]], dtype=np.int64)
+        for i in stratified_fraction(labels, fraction, seed):
+            path, label = files[split][i]
+            tasks.append(FileTask(str(path), split, label, size, channels, max_pixels))
+    return tasks
+
+
+def _decode_into(
+    writers: dict[str, SplitWriter],
+    tasks: list[FileTask],
+    workers: int | None,
+    root: Path,
+    classes: list[str],
+) -> tuple[list[dict[str, object]], np.ndarray]:
+    """The one decoding pass: images to their split's writer, a row and a thumbnail per file."""
+    rows: list[dict[str, object]] = []
+    thumbs = np.zeros((len(tasks), THUMB_SIDE, THUMB_SIDE), dtype=np.uint8)
+    for n, facts in enumerate(scan(tasks, workers)):
+        row = facts.row()
+        row["path"] = Path(facts.path).relative_to(root).as_posix()
+        row["class"] = classes[facts.label]
+        row["index"] = -1
+        if not facts.problem:
+            assert facts.array is not None and facts.thumb is not None
+            row["index"] = len(writers[facts.split])
+            writers[facts.split].add(facts.array, facts.label)
+            thumbs[n] = facts.thumb
+        rows.append(row)
+    return rows, thumbs
+
+
+def _bad_files(
+    rows: list[dict[str, object]], root: Path, on_bad_file: str
+) -> list[dict[str, object]]:
+    """The unusable files' rows; with on_bad_file "fail", one error that names all of them."""
+    bad = [r for r in rows if r["problem"]]
+    if bad and on_bad_file == "fail":
+        raise StageError(
+            f"{len(bad)} of {len(rows)} files under {root} cannot be used as images "
+            f"(data.on_bad_file is fail):\n{describe_bad(bad)}\nFix or remove them, or "
+            "set data.on_bad_file: skip to leave them out (they are listed in the data "
+            "quality report)."
+        )
+    return bad
+
+
+def _finish_splits(
+    writers: dict[str, SplitWriter],
+    rows: list[dict[str, object]],
+    bad: list[dict[str, object]],
+    root: Path,
+) -> dict[str, Split]:
+    """Each split's images; a split left with none is an error listing its bad files."""
+    splits: dict[str, Split] = {}
+    for split, writer in writers.items():
+        splits[split] = writer.finish()
+        if len(splits[split]) == 0:
+            listed_bad = describe_bad([r for r in bad if r["split"] == split])
+            raise InvalidInput(
+                f"{root / split} has no readable image among its "
+                f"{sum(r['split'] == split for r in rows)} files:\n{listed_bad}"
+            )
+    return splits
+
+
+def _quality_summary(
+    rows: list[dict[str, object]],
+    bad: list[dict[str, object]],
+    seconds: float,
+    workers: int | None,
+    on_disk: bool,
+) -> dict[str, object]:
+    """The pass in numbers for the meta: files used and skipped (by kind), time and workers."""
+    kinds = {kind: sum(r["problem"] == kind for r in bad) for kind in BAD_KINDS}
+    return {
+        "files_scanned": len(rows),
+        "files_used": len(rows) - len(bad),
+        "files_skipped": len(bad),
+        **{f"skipped_{k}": v for k, v in kinds.items()},
+        "decode_seconds": round(seconds, 2),
+        "decode_workers": workers or worker_count(),
+        "images_on_disk": on_disk,
+    }
+
+
 def build_imagefolder_dataset(
     root: Path,
     dest: Path,
@@ -299,12 +395,7 @@ def build_imagefolder_dataset(
     import pandas as pd
 
     classes, files = listed or list_imagefolder(root)
-    tasks: list[FileTask] = []
-    for split in ("train", "test"):
-        labels = np.asarray([label for _, label in files[split]], dtype=np.int64)
-        for i in stratified_fraction(labels, fraction, seed):
-            path, label = files[split][i]
-            tasks.append(FileTask(str(path), split, label, size, channels, max_pixels))
+    tasks = _file_tasks(files, size, channels, fraction, seed, max_pixels)
     shape = (size, size, channels)
     on_disk = exceeds_budget(len(tasks), shape, ram_budget_mb)
     started = time.perf_counter()
@@ -313,61 +404,22 @@ def build_imagefolder_dataset(
             split: SplitWriter(tmp, split, sum(t.split == split for t in tasks), shape, on_disk)
             for split in ("train", "test")
         }
-        rows: list[dict[str, object]] = []
-        thumbs = np.zeros((len(tasks), THUMB_SIDE, THUMB_SIDE), dtype=np.uint8)
-        for n, facts in enumerate(scan(tasks, workers)):
-            row = facts.row()
-            row["path"] = Path(facts.path).relative_to(root).as_posix()
-            row["class"] = classes[facts.label]
-            row["index"] = -1
-            if not facts.problem:
-                assert facts.array is not None and facts.thumb is not None
-                row["index"] = len(writers[facts.split])
-                writers[facts.split].add(facts.array, facts.label)
-                thumbs[n] = facts.thumb
-            rows.append(row)
+        rows, thumbs = _decode_into(writers, tasks, workers, root, classes)
         seconds = time.perf_counter() - started
-        bad = [r for r in rows if r["problem"]]
-        if bad and on_bad_file == "fail":
-            raise StageError(
-                f"{len(bad)} of {len(rows)} files under {root} cannot be used as images "
-                f"(data.on_bad_file is fail):\n{describe_bad(bad)}\nFix or remove them, or "
-                "set data.on_bad_file: skip to leave them out (they are listed in the data "
-                "quality report)."
-            )
-        splits: dict[str, Split] = {}
-        for split, writer in writers.items():
-            splits[split] = writer.finish()
-            if len(splits[split]) == 0:
-                listed_bad = describe_bad([r for r in bad if r["split"] == split])
-                raise InvalidInput(
-                    f"{root / split} has no readable image among its "
-                    f"{sum(r['split'] == split for r in rows)} files:\n{listed_bad}"
-                )
+        bad = _bad_files(rows, root, on_bad_file)
+        splits = _finish_splits(writers, rows, bad, root)
         pd.DataFrame(rows).to_csv(tmp / FILE_TABLE, index=False)
         np.save(tmp / FILE_THUMBS, thumbs)
-        kinds = {kind: sum(r["problem"] == kind for r in bad) for kind in BAD_KINDS}
         skipped = [{k: r[k] for k in ("path", "split", "class", "problem", "detail")} for r in bad]
+        extra = {
+            "name": str((source or {}).get("name", "imagefolder")),
+            "classes": classes,
+            "fraction": fraction,
+            "source": {"imagefolder_root": str(root), **(source or {})},
+            "skipped_files": skipped,
+            "quality": _quality_summary(rows, bad, seconds, workers, on_disk),
+        }
         meta = finish_dataset(
-            tmp,
-            splits["train"],
-            splits["test"],
-            {
-                "name": str((source or {}).get("name", "imagefolder")),
-                "classes": classes,
-                "fraction": fraction,
-                "source": {"imagefolder_root": str(root), **(source or {})},
-                "skipped_files": skipped,
-                "quality": {
-                    "files_scanned": len(rows),
-                    "files_used": len(rows) - len(bad),
-                    "files_skipped": len(bad),
-                    **{f"skipped_{k}": v for k, v in kinds.items()},
-                    "decode_seconds": round(seconds, 2),
-                    "decode_workers": workers or worker_count(),
-                    "images_on_disk": on_disk,
-                },
-            },
-            "mmap" if on_disk else "memory",
+            tmp, splits["train"], splits["test"], extra, "mmap" if on_disk else "memory"
         )
     return meta

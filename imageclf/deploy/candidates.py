@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,210 @@ def load_teacher(path: Path, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
     return teacher, tspec
 
 
+@dataclass
+class _Bench:
+    """What the technique steps share: their inputs, and each candidate's record and model."""
+
+    model: nn.Module
+    spec: ModelSpec
+    images: np.ndarray
+    labels: np.ndarray
+    train: Split
+    cfg: OptimizeParams
+    train_cfg: TrainParams
+    eval_batch: int
+    seed: int
+    base_acc: float
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+    def acc(self, candidate: nn.Module) -> float:
+        """Test accuracy: one spelling, so every candidate is scored like the baseline."""
+        return compress.accuracy_of(candidate, self.images, self.labels, self.eval_batch)
+
+    def tune(self, steps: int, lr: float) -> Callable[[nn.Module], Any] | None:
+        """A fine-tune on the training split for a technique to apply; None when steps is 0."""
+        if steps == 0:
+            return None
+        return lambda m: finetune(m, self.train, steps, lr, self.train_cfg.batch_size, self.seed)
+
+    def add(self, name: str, candidate: nn.Module, seconds: float, **facts: Any) -> None:
+        """Keep a built candidate for timing, and record its gate, build time and sizes."""
+        self.models[name] = candidate
+        self.records[name] = {
+            **compress.gate(self.base_acc, self.acc(candidate), self.cfg.max_accuracy_drop),
+            "build_seconds": round(seconds, 2),
+            **compress.size_report(candidate),
+            **facts,
+        }
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record a technique that is off or cannot apply, so the report says why it is absent."""
+        self.records[name] = {"kept": False, "skipped": True, "reason": reason}
+
+
+def _prune_unstructured(bench: _Bench) -> None:
+    """Zero the smallest weights (then fine-tune): only the deflated file shrinks."""
+    cfg = bench.cfg
+    if cfg.prune_sparsity > 0:
+        t0 = time.perf_counter()
+        pruned = compress.prune_unstructured(
+            bench.model, cfg.prune_sparsity, bench.tune(cfg.finetune_steps, cfg.finetune_lr)
+        )
+        bench.add(
+            UNSTRUCTURED,
+            pruned,
+            time.perf_counter() - t0,
+            requested_sparsity=cfg.prune_sparsity,
+            sparsity=round(compress.weight_sparsity(pruned), 6),
+            finetune_steps=cfg.finetune_steps,
+            note="dense tensors: the state_dict and the latency do not shrink, the deflated "
+            "file does",
+        )
+    else:
+        bench.skip(UNSTRUCTURED, "off (optimize.prune_sparsity: 0)")
+
+
+def _prune_channels(bench: _Bench) -> None:
+    """Remove whole conv channels (then fine-tune): the technique that can cut latency."""
+    cfg = bench.cfg
+    if cfg.channel_prune_ratio > 0:
+        t0 = time.perf_counter()
+        slim, facts = compress.prune_channels(bench.model, cfg.channel_prune_ratio)
+        if facts["prunable_convs"] == 0:
+            bench.skip(STRUCTURED, f"{bench.spec.name}: no conv whose channels can be removed")
+        else:
+            fit = bench.tune(cfg.finetune_steps, cfg.finetune_lr)
+            if fit is not None:
+                fit(slim)
+            bench.add(
+                STRUCTURED,
+                slim,
+                time.perf_counter() - t0,
+                ratio=cfg.channel_prune_ratio,
+                finetune_steps=cfg.finetune_steps,
+                **facts,
+                note="channels physically removed (prune.ln_structured would only mask them "
+                "and change no latency); residual-tied channels are kept",
+            )
+    else:
+        bench.skip(STRUCTURED, "off (optimize.channel_prune_ratio: 0)")
+
+
+def _quantize_dynamic(bench: _Bench) -> None:
+    """INT8 Linear layers with activations quantized on the fly: no calibration needed."""
+    if bench.cfg.dynamic_quantization:
+        t0 = time.perf_counter()
+        dq = compress.quantize_dynamic_linear(bench.model)
+        quantized = sum(compress.is_dynamic_quantized(m) for m in dq.modules())
+        bench.add(
+            DYNAMIC,
+            dq,
+            time.perf_counter() - t0,
+            api="torch.ao.quantization.quantize_dynamic (deprecated in torch 2.14, works)",
+            quantized_linear_layers=quantized,
+        )
+    else:
+        bench.skip(DYNAMIC, "off (optimize.dynamic_quantization: false)")
+
+
+def _quantize_static(bench: _Bench, calibration: np.ndarray, batch: int) -> None:
+    """Whole-graph INT8 (FX), calibrated or QAT; a model FX cannot trace is skipped, not fatal."""
+    cfg = bench.cfg
+    if not cfg.static_int8:
+        bench.skip(STATIC, "off (optimize.static_int8: false)")
+        return
+    example = to_model_input(calibration[:batch])
+
+    def calibrate(observed: nn.Module) -> None:
+        with torch.inference_mode():
+            for start in range(0, len(calibration), batch):
+                observed(to_model_input(calibration[start : start + batch]))
+
+    t0 = time.perf_counter()
+    try:
+        q = compress.quantize_static_fx(
+            bench.model, example, calibrate, bench.tune(cfg.qat_steps, cfg.qat_lr)
+        )
+    except (RuntimeError, TypeError, NotImplementedError, torch.fx.proxy.TraceError) as err:
+        bench.skip(STATIC, f"{bench.spec.name} does not quantize with FX graph mode: {err}")
+    else:
+        bench.add(
+            STATIC,
+            q,
+            time.perf_counter() - t0,
+            mode="qat" if cfg.qat_steps else "post-training (calibrated)",
+            qat_steps=cfg.qat_steps,
+            int8_kernels=compress.is_int8_graph(q),
+            api="torch.ao.quantization.quantize_fx, x86 engine (PT2E moved to torchao)",
+        )
+
+
+def _distill_student(bench: _Bench, teacher: tuple[nn.Module, ModelSpec] | None) -> None:
+    """A fresh model trained to imitate the teacher (kept too: its latency is timed as well)."""
+    if teacher is None:
+        bench.skip(
+            DISTILLED,
+            'off (optimize.distill_teacher: ""; docs/optimize.md, "Distillation", makes one)',
+        )
+        return
+    cfg, seed = bench.cfg, bench.seed
+    teacher_model, tspec = teacher
+    torch.manual_seed(seed)
+    student = bench.spec.build()  # a fresh model of the default configuration's architecture
+    t0 = time.perf_counter()
+    history = distill(
+        student,
+        teacher_model,
+        bench.train,
+        bench.train_cfg,
+        cfg.distill_epochs,
+        cfg.distill_temperature,
+        cfg.distill_alpha,
+        seed,
+    )
+    teacher_acc = bench.acc(teacher_model)
+    bench.models[TEACHER] = teacher_model
+    bench.add(
+        DISTILLED,
+        student.eval(),
+        time.perf_counter() - t0,
+        teacher=f"{tspec.name} width {tspec.width}",
+        teacher_accuracy=teacher_acc,
+        teacher_bytes=compress.size_report(teacher_model)["state_dict_bytes"],
+        epochs=cfg.distill_epochs,
+        temperature=cfg.distill_temperature,
+        alpha=cfg.distill_alpha,
+        **history,
+    )
+
+
+def _time_against_baseline(bench: _Bench, batch: int) -> dict[str, Any]:
+    """Latency and size ratios to the baseline, timed together; returns the baseline's record."""
+    x = to_model_input(bench.images[:batch])
+    latency = compress.interleaved_latency(
+        {BASELINE: bench.model, **bench.models},
+        x,
+        warmup=3,
+        iterations=bench.cfg.latency_iterations,
+    )
+    baseline = {
+        "accuracy": bench.base_acc,
+        "latency_ms": latency[BASELINE],
+        **compress.size_report(bench.model),
+    }
+    for name, record in bench.records.items():
+        if name not in bench.models:
+            continue
+        record["latency_ms"] = latency[name]
+        record["speedup"] = latency[BASELINE] / max(latency[name], 1e-9)
+        record["state_dict_ratio"] = record["state_dict_bytes"] / baseline["state_dict_bytes"]
+        record["deflated_ratio"] = record["deflated_bytes"] / baseline["deflated_bytes"]
+    if TEACHER in latency:
+        bench.records[DISTILLED]["teacher_latency_ms"] = latency[TEACHER]
+    return baseline
+
+
 def compress_candidates(
     model: nn.Module,
     spec: ModelSpec,
@@ -96,167 +302,16 @@ def compress_candidates(
     per image, batch 500 costs a quarter of batch 64 on this CPU)."""
     images, labels = test
     batch = cfg.latency_batch_size
-
-    def acc(candidate: nn.Module) -> float:
-        return compress.accuracy_of(candidate, images, labels, eval_batch)
-
-    base_acc = acc(model)
-    records: dict[str, dict[str, Any]] = {}
-    models: dict[str, nn.Module] = {}
-
-    def tune(steps: int, lr: float):
-        if steps == 0:
-            return None
-        return lambda m: finetune(m, train, steps, lr, train_cfg.batch_size, seed)
-
-    def add(name: str, candidate: nn.Module, seconds: float, **facts: Any) -> None:
-        models[name] = candidate
-        records[name] = {
-            **compress.gate(base_acc, acc(candidate), cfg.max_accuracy_drop),
-            "build_seconds": round(seconds, 2),
-            **compress.size_report(candidate),
-            **facts,
-        }
-
-    def skip(name: str, reason: str) -> None:
-        records[name] = {"kept": False, "skipped": True, "reason": reason}
-
-    if cfg.prune_sparsity > 0:
-        t0 = time.perf_counter()
-        pruned = compress.prune_unstructured(
-            model, cfg.prune_sparsity, tune(cfg.finetune_steps, cfg.finetune_lr)
-        )
-        add(
-            UNSTRUCTURED,
-            pruned,
-            time.perf_counter() - t0,
-            requested_sparsity=cfg.prune_sparsity,
-            sparsity=round(compress.weight_sparsity(pruned), 6),
-            finetune_steps=cfg.finetune_steps,
-            note="dense tensors: the state_dict and the latency do not shrink, the deflated "
-            "file does",
-        )
-    else:
-        skip(UNSTRUCTURED, "off (optimize.prune_sparsity: 0)")
-
-    if cfg.channel_prune_ratio > 0:
-        t0 = time.perf_counter()
-        slim, facts = compress.prune_channels(model, cfg.channel_prune_ratio)
-        if facts["prunable_convs"] == 0:
-            skip(STRUCTURED, f"{spec.name}: no conv whose channels can be removed")
-        else:
-            fit = tune(cfg.finetune_steps, cfg.finetune_lr)
-            if fit is not None:
-                fit(slim)
-            add(
-                STRUCTURED,
-                slim,
-                time.perf_counter() - t0,
-                ratio=cfg.channel_prune_ratio,
-                finetune_steps=cfg.finetune_steps,
-                **facts,
-                note="channels physically removed (prune.ln_structured would only mask them "
-                "and change no latency); residual-tied channels are kept",
-            )
-    else:
-        skip(STRUCTURED, "off (optimize.channel_prune_ratio: 0)")
-
-    if cfg.dynamic_quantization:
-        t0 = time.perf_counter()
-        dq = compress.quantize_dynamic_linear(model)
-        quantized = sum(compress.is_dynamic_quantized(m) for m in dq.modules())
-        add(
-            DYNAMIC,
-            dq,
-            time.perf_counter() - t0,
-            api="torch.ao.quantization.quantize_dynamic (deprecated in torch 2.14, works)",
-            quantized_linear_layers=quantized,
-        )
-    else:
-        skip(DYNAMIC, "off (optimize.dynamic_quantization: false)")
-
-    if cfg.static_int8:
-        example = to_model_input(calibration[:batch])
-
-        def calibrate(observed: nn.Module) -> None:
-            with torch.inference_mode():
-                for start in range(0, len(calibration), batch):
-                    observed(to_model_input(calibration[start : start + batch]))
-
-        t0 = time.perf_counter()
-        try:
-            q = compress.quantize_static_fx(
-                model, example, calibrate, tune(cfg.qat_steps, cfg.qat_lr)
-            )
-        except (RuntimeError, TypeError, NotImplementedError, torch.fx.proxy.TraceError) as err:
-            skip(STATIC, f"{spec.name} does not quantize with FX graph mode: {err}")
-        else:
-            add(
-                STATIC,
-                q,
-                time.perf_counter() - t0,
-                mode="qat" if cfg.qat_steps else "post-training (calibrated)",
-                qat_steps=cfg.qat_steps,
-                int8_kernels=compress.is_int8_graph(q),
-                api="torch.ao.quantization.quantize_fx, x86 engine (PT2E moved to torchao)",
-            )
-    else:
-        skip(STATIC, "off (optimize.static_int8: false)")
-
-    if teacher is not None:
-        teacher_model, tspec = teacher
-        torch.manual_seed(seed)
-        student = spec.build()  # a fresh model of the default configuration's architecture
-        t0 = time.perf_counter()
-        history = distill(
-            student,
-            teacher_model,
-            train,
-            train_cfg,
-            cfg.distill_epochs,
-            cfg.distill_temperature,
-            cfg.distill_alpha,
-            seed,
-        )
-        teacher_acc = acc(teacher_model)
-        models[TEACHER] = teacher_model
-        add(
-            DISTILLED,
-            student.eval(),
-            time.perf_counter() - t0,
-            teacher=f"{tspec.name} width {tspec.width}",
-            teacher_accuracy=teacher_acc,
-            teacher_bytes=compress.size_report(teacher_model)["state_dict_bytes"],
-            epochs=cfg.distill_epochs,
-            temperature=cfg.distill_temperature,
-            alpha=cfg.distill_alpha,
-            **history,
-        )
-    else:
-        skip(
-            DISTILLED,
-            'off (optimize.distill_teacher: ""; docs/optimize.md, "Distillation", makes one)',
-        )
-
-    x = to_model_input(images[:batch])
-    latency = compress.interleaved_latency(
-        {BASELINE: model, **models}, x, warmup=3, iterations=cfg.latency_iterations
-    )
-    baseline = {
-        "accuracy": base_acc,
-        "latency_ms": latency[BASELINE],
-        **compress.size_report(model),
-    }
-    for name, record in records.items():
-        if name not in models:
-            continue
-        record["latency_ms"] = latency[name]
-        record["speedup"] = latency[BASELINE] / max(latency[name], 1e-9)
-        record["state_dict_ratio"] = record["state_dict_bytes"] / baseline["state_dict_bytes"]
-        record["deflated_ratio"] = record["deflated_bytes"] / baseline["deflated_bytes"]
-    if TEACHER in latency:
-        records[DISTILLED]["teacher_latency_ms"] = latency[TEACHER]
-    write_kept(records, models, out_dir, (spec.in_channels, spec.image_size, spec.image_size))
+    base_acc = compress.accuracy_of(model, images, labels, eval_batch)
+    bench = _Bench(model, spec, images, labels, train, cfg, train_cfg, eval_batch, seed, base_acc)
+    _prune_unstructured(bench)
+    _prune_channels(bench)
+    _quantize_dynamic(bench)
+    _quantize_static(bench, calibration, batch)
+    _distill_student(bench, teacher)
+    baseline = _time_against_baseline(bench, batch)
+    records = bench.records
+    write_kept(records, bench.models, out_dir, (spec.in_channels, spec.image_size, spec.image_size))
     return {
         "baseline": baseline,
         "latency_batch_size": batch,

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +403,100 @@ def plot_rollout(
 
 
 # ----------------------------------------------------------------------------- the views
+@dataclass
+class _Views:
+    """The report's entries, one per PNG in the order written, and the PNGs' shared title."""
+
+    title: str
+    root: Path | None
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    def done(self, view: str, png: Path, panels: int, **shows: Any) -> None:
+        """Record a written PNG: its file (relative to ``root``), its panels and what it shows."""
+        file = str(png.relative_to(self.root) if self.root else png)
+        self.entries.append({"view": view, "file": file, "panels": panels, **shows})
+
+    def skip(self, view: str, png: Path, reason: str) -> None:
+        """DVC expects every PNG: one the model cannot have says why, in the PNG and the log."""
+        log.info("%s skipped: %s", view, reason)
+        title = f"{self.title}: {view.replace('_', ' ')}"
+        self.done(view, png, save_message(png, reason, title))
+        self.entries[-1]["skipped"] = reason
+
+
+def _write_first_layer(
+    views: _Views,
+    weighted: list[tuple[str, nn.Module]],
+    input_shape: tuple[int, ...],
+    png: Path,
+) -> None:
+    """First layer: a conv's filters, or an MLP's first Linear rows as images (its templates)."""
+    name, first = weighted[0] if weighted else ("", None)
+    c, h, w = input_shape
+    if isinstance(first, nn.Conv2d):
+        panels = plot_filters(first.weight, name, png, views.title)
+        views.done("first_layer_filters", png, panels, layer=name)
+    elif isinstance(first, nn.Linear) and first.in_features == c * h * w:
+        templates = first.weight.reshape(-1, c, h, w)
+        panels = plot_filters(templates, name, png, views.title)
+        views.done("first_layer_filters", png, panels, layer=name)
+    else:
+        views.skip("first_layer_filters", png, "the model's first layer has no image filters")
+
+
+def _write_feature_maps(
+    views: _Views,
+    images: np.ndarray,
+    chosen: list[ChosenImage],
+    classes: list[str],
+    maps: dict[str, torch.Tensor],
+    png: Path,
+) -> None:
+    """The chosen images' feature maps of the layers captured, or why there are none."""
+    if maps:
+        panels = plot_feature_maps(images, chosen, classes, maps, png, views.title)
+        views.done("feature_maps", png, panels, layers=list(maps))
+    else:
+        views.skip("feature_maps", png, "the model has no convolutional layers")
+
+
+def _write_rollout(
+    views: _Views,
+    images: np.ndarray,
+    chosen: list[ChosenImage],
+    classes: list[str],
+    attentions: list[torch.Tensor],
+    png: Path,
+) -> None:
+    """The chosen images under their attention rollout, or why the model cannot have one."""
+    if not attentions:
+        views.skip("attention_rollout", png, "the model has no self-attention layers")
+        return
+    rollout = pooled_rollout(attention_rollout(attentions))
+    side = math.isqrt(rollout.shape[1])
+    if side * side != rollout.shape[1]:
+        reason = f"its {rollout.shape[1]} tokens do not form a square patch grid"
+        views.skip("attention_rollout", png, reason)
+        return
+    heat = rollout.reshape(len(chosen), side, side)
+    panels = plot_rollout(images, chosen, classes, heat, png, views.title)
+    views.done("attention_rollout", png, panels, layers=len(attentions), grid=[side, side])
+
+
+def _shown_images(chosen: list[ChosenImage], classes: list[str]) -> list[dict[str, Any]]:
+    """The chosen images as the report lists them, with class names instead of indices."""
+    return [
+        {
+            "index": item.index,
+            "true": classes[item.true_label],
+            "predicted": classes[item.predicted_label],
+            "probability": item.probability,
+            "correct": item.correct,
+        }
+        for item in chosen
+    ]
+
+
 def write_inside_views(
     model: nn.Module,
     images: np.ndarray,
@@ -429,79 +523,19 @@ def write_inside_views(
     weighted = modules_in_forward_order(model, probe, (nn.Conv2d, nn.Linear))
     convs = [(name, m) for name, m in weighted if isinstance(m, nn.Conv2d)]
     attention = AttentionRecorder(model)
-    views: list[dict[str, Any]] = []
-
-    def done(view: str, png: Path, panels: int, **shows: Any) -> None:
-        file = str(png.relative_to(root) if root else png)
-        views.append({"view": view, "file": file, "panels": panels, **shows})
-
-    def skip(view: str, png: Path, reason: str) -> None:
-        log.info("%s skipped: %s", view, reason)
-        done(view, png, save_message(png, reason, f"{title}: {view.replace('_', ' ')}"))
-        views[-1]["skipped"] = reason
-
-    # First layer: a conv's filters, or an MLP's first Linear rows as images (its templates).
-    name, first = weighted[0] if weighted else ("", None)
-    c, h, w = probe.shape[1:]
-    if isinstance(first, nn.Conv2d):
-        done(
-            "first_layer_filters",
-            filters_png,
-            plot_filters(first.weight, name, filters_png, title),
-            layer=name,
-        )
-    elif isinstance(first, nn.Linear) and first.in_features == c * h * w:
-        templates = first.weight.reshape(-1, c, h, w)
-        done(
-            "first_layer_filters",
-            filters_png,
-            plot_filters(templates, name, filters_png, title),
-            layer=name,
-        )
-    else:
-        skip("first_layer_filters", filters_png, "the model's first layer has no image filters")
-
+    views = _Views(title, root)
+    _write_first_layer(views, weighted, tuple(probe.shape[1:]), filters_png)
     if not chosen:
         reason = "no test images chosen (evaluate.inside_images is 0)"
-        skip("feature_maps", feature_maps_png, reason)
-        skip("attention_rollout", rollout_png, reason)
+        views.skip("feature_maps", feature_maps_png, reason)
+        views.skip("attention_rollout", rollout_png, reason)
     else:
+        # One forward pass of the chosen images gives both the feature maps and the attention.
         x = to_model_input(images[[item.index for item in chosen]])
         layers = dict(spread(convs, FEATURE_LAYERS))
         with captured_outputs(layers) as outputs, attention, torch.inference_mode():
             model(x)
-        if layers:
-            maps = {n: outputs[n] for n in layers}
-            panels = plot_feature_maps(images, chosen, classes, maps, feature_maps_png, title)
-            done("feature_maps", feature_maps_png, panels, layers=list(layers))
-        else:
-            skip("feature_maps", feature_maps_png, "the model has no convolutional layers")
-        if not attention.probabilities:
-            skip("attention_rollout", rollout_png, "the model has no self-attention layers")
-        else:
-            rollout = pooled_rollout(attention_rollout(attention.probabilities))
-            side = math.isqrt(rollout.shape[1])
-            if side * side != rollout.shape[1]:
-                reason = f"its {rollout.shape[1]} tokens do not form a square patch grid"
-                skip("attention_rollout", rollout_png, reason)
-            else:
-                heat = rollout.reshape(len(chosen), side, side)
-                panels = plot_rollout(images, chosen, classes, heat, rollout_png, title)
-                done(
-                    "attention_rollout",
-                    rollout_png,
-                    panels,
-                    layers=len(attention.probabilities),
-                    grid=[side, side],
-                )
-    shown = [
-        {
-            "index": item.index,
-            "true": classes[item.true_label],
-            "predicted": classes[item.predicted_label],
-            "probability": item.probability,
-            "correct": item.correct,
-        }
-        for item in chosen
-    ]
-    return {"inside_images": shown, "inside": views}
+        maps = {n: outputs[n] for n in layers}
+        _write_feature_maps(views, images, chosen, classes, maps, feature_maps_png)
+        _write_rollout(views, images, chosen, classes, attention.probabilities, rollout_png)
+    return {"inside_images": _shown_images(chosen, classes), "inside": views.entries}

@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -573,6 +574,91 @@ def _predictions(model: nn.Module, split: Split, batch_size: int) -> np.ndarray:
     return predict_logits(model, split.images, batch_size).argmax(1).numpy()
 
 
+def _draw_subsets(
+    train: Split, val: Split, num_classes: int, cfg: DataloaderCheckParams, seed: int
+) -> tuple[Split, np.ndarray, Split]:
+    """The training images, their random labels and the validation images the check uses."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(train), min(cfg.shuffled_train_images, len(train)), False))
+    part = train.subset(pick)
+    random_labels = shuffled_labels(part.labels, num_classes, seed)
+    held = val.subset(np.sort(rng.choice(len(val), min(cfg.shuffled_val_images, len(val)), False)))
+    return part, random_labels, held
+
+
+def _train_on_random_labels(
+    model: nn.Module,
+    split: Split,
+    cfg: DataloaderCheckParams,
+    seed: int,
+    augment: Sequence[AugmentStep],
+) -> list[float]:
+    """Train through the real loader for ``cfg.shuffled_steps`` steps; each step's loss."""
+    seed_everything(seed)
+    loader = make_loader(split, cfg.shuffled_batch_size, shuffle=True, seed=seed, augment=augment)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.overfit_lr)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    losses: list[float] = []
+    while len(losses) < cfg.shuffled_steps:
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(images.to(device)), labels.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if len(losses) == cfg.shuffled_steps:
+                break
+    return losses
+
+
+@dataclass(frozen=True)
+class _NamingTest:
+    """How well the true class names fit the predictions on held-out images, and the verdict."""
+
+    val_accuracy: float
+    p_value: float
+    testable: bool
+    leaked: bool
+
+
+def _naming_test(
+    model: nn.Module, held: Split, num_classes: int, cfg: DataloaderCheckParams, seed: int
+) -> _NamingTest:
+    """Score the true labels and test them against every other naming of the classes."""
+    predicted = _predictions(model, held, cfg.shuffled_batch_size)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (held.labels, predicted), 1)
+    val_accuracy = float(np.trace(confusion) / len(held))
+    testable = math.factorial(num_classes) * cfg.shuffled_max_p >= 1
+    p_value = naming_p_value(confusion, cfg.shuffled_max_p, seed)
+    leaked = testable and p_value <= cfg.shuffled_max_p
+    return _NamingTest(val_accuracy, p_value, testable, leaked)
+
+
+def _warn_or_raise(test: _NamingTest, num_classes: int, cfg: DataloaderCheckParams) -> None:
+    """Say when the check cannot decide, and stop the run on a leak."""
+    if not test.testable:
+        log.warning(
+            "shuffled-label check: %d classes have only %d namings, too few for p <= %g in one "
+            "run; it cannot tell a leak here.",
+            num_classes,
+            math.factorial(num_classes),
+            cfg.shuffled_max_p,
+        )
+    if test.leaked:
+        raise LabelLeak(
+            f"A model trained on shuffled labels scored {test.val_accuracy:.1%} on the "
+            f"validation images' true labels (chance {1 / num_classes:.1%}), better than all but "
+            f"{test.p_value:.2g} of the ways to name the {num_classes} classes (limit "
+            f"{cfg.shuffled_max_p:g}): it knows the classes although its labels were random, so "
+            "the labels reach the model another way than the label array (labels derived from "
+            "the image order or file names, or written into the input by preprocessing). Find "
+            "and fix the leak before training."
+        )
+
+
 def shuffled_label_run(
     model: nn.Module,
     train: Split,
@@ -602,75 +688,25 @@ def shuffled_label_run(
     """
     if len(val) == 0:
         raise InvalidInput("the shuffled-label check needs validation images (none given).")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(train), min(cfg.shuffled_train_images, len(train)), False))
-    part = train.subset(pick)
-    random_labels = shuffled_labels(part.labels, num_classes, seed)
-    held = val.subset(np.sort(rng.choice(len(val), min(cfg.shuffled_val_images, len(val)), False)))
-
-    seed_everything(seed)
-    loader = make_loader(
-        Split(part.images, random_labels),
-        cfg.shuffled_batch_size,
-        shuffle=True,
-        seed=seed,
-        augment=augment,
-    )
-    device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.overfit_lr)
-    criterion = nn.CrossEntropyLoss()
-    model.train()
-    losses: list[float] = []
-    while len(losses) < cfg.shuffled_steps:
-        for images, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images.to(device)), labels.to(device))
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if len(losses) == cfg.shuffled_steps:
-                break
-    predicted = _predictions(model, held, cfg.shuffled_batch_size)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (held.labels, predicted), 1)
-    n = len(held)
-    val_accuracy = float(np.trace(confusion) / n)
-    testable = math.factorial(num_classes) * cfg.shuffled_max_p >= 1
-    p_value = naming_p_value(confusion, cfg.shuffled_max_p, seed)
-    leaked = testable and p_value <= cfg.shuffled_max_p
+    part, random_labels, held = _draw_subsets(train, val, num_classes, cfg, seed)
+    losses = _train_on_random_labels(model, Split(part.images, random_labels), cfg, seed, augment)
+    test = _naming_test(model, held, num_classes, cfg, seed)
     train_predicted = _predictions(model, part, cfg.shuffled_batch_size)
     result = {
         "steps": cfg.shuffled_steps,
         "batch_size": cfg.shuffled_batch_size,
         "train_images": len(part),
-        "val_images": n,
+        "val_images": len(held),
         "initial_loss": losses[0],
         "final_loss": losses[-1],
         "train_accuracy_on_random_labels": float(np.mean(train_predicted == random_labels)),
-        "val_accuracy_on_true_labels": val_accuracy,
+        "val_accuracy_on_true_labels": test.val_accuracy,
         "chance": 1.0 / num_classes,
-        "val_majority_share": float(np.bincount(held.labels).max() / n),
-        "p_value": p_value,
+        "val_majority_share": float(np.bincount(held.labels).max() / len(held)),
+        "p_value": test.p_value,
         "max_p": cfg.shuffled_max_p,
-        "testable": testable,
-        "passed": not leaked,
+        "testable": test.testable,
+        "passed": not test.leaked,
     }
-    if not testable:
-        log.warning(
-            "shuffled-label check: %d classes have only %d namings, too few for p <= %g in one "
-            "run; it cannot tell a leak here.",
-            num_classes,
-            math.factorial(num_classes),
-            cfg.shuffled_max_p,
-        )
-    if leaked:
-        raise LabelLeak(
-            f"A model trained on shuffled labels scored {val_accuracy:.1%} on the validation "
-            f"images' true labels (chance {1 / num_classes:.1%}), better than all but "
-            f"{p_value:.2g} of the ways to name the {num_classes} classes (limit "
-            f"{cfg.shuffled_max_p:g}): it knows the classes although its labels were random, so "
-            "the labels reach the model another way than the label array (labels derived from "
-            "the image order or file names, or written into the input by preprocessing). Find "
-            "and fix the leak before training."
-        )
+    _warn_or_raise(test, num_classes, cfg)
     return result

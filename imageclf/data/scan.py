@@ -1,11 +1,11 @@
 """One pass over every file of an ImageFolder: decode once, record every fact the gate needs.
 
 Decoding is the expensive part of a folder dataset, so each file is opened exactly once, in a
-process pool over the cores, and that one decode gives both the array the store keeps (through
-the shared :func:`imageclf.data.transforms.prepare_image`) and the facts the quality gate judges later
-(size, pixel hash, perceptual hash, blur and brightness). A file that cannot be used is not an
-exception that stops the run: it becomes a row saying what is wrong with it, so one run lists
-every bad file.
+process pool over the cores, and that one decode gives both the array the store keeps
+(through the shared :func:`imageclf.data.transforms.prepare_image`) and the facts the quality
+gate judges later (size, pixel hash, perceptual hash, blur and brightness). A file that cannot
+be used is not an exception that stops the run: it becomes a row saying what is wrong with it,
+so one run lists every bad file.
 
 Perceptual hash: ``imagehash.phash`` (CleanVision's own near-duplicate hash), computed here on the
 image already decoded. CleanVision's ``Imagelab`` was tried first: it runs with pandas 3 here, but

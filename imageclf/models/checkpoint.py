@@ -138,7 +138,8 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
 def load_serving_model(paths: ProjectPaths, views: int) -> tuple[nn.Module, ModelSpec, Path]:
     """The model as it is exported and served: the optimized checkpoint when the optimize stage
     wrote one (else the trained one) as a :class:`ServingGraph` (scores averaged over ``views``
-    symmetric views when evaluation uses test-time augmentation, plus the embedding), so that what is served is what was evaluated."""
+    symmetric views when evaluation uses test-time augmentation, plus the embedding), so that
+    what is served is what was evaluated."""
     from imageclf.models.zoo import ServingGraph
 
     source = (

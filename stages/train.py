@@ -100,7 +100,9 @@ def _train_one(
         observers=[epochs, last, *build_observers(cfg, paths, board)],
         resume=resume,
     )
-    log_debugging_reports(paths)
+    log_debugging_reports(
+        (paths.gradient_flow_plot, paths.gradient_flow_report, paths.activation_stats_report)
+    )
     kept, outcome = run_outcome(history, member.model, member.params.seed)
     if index is not None:  # an ensemble's killed run continues after the members it finished
         extra = {"fingerprint": wanted, "history": epochs.rows, "outcome": outcome}

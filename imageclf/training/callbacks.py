@@ -6,7 +6,7 @@ MLflow is imported when first used (the stage does the same): a DDP worker never
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +58,12 @@ def log_epoch_rows(rows: list[dict[str, Any]], step0: int) -> None:
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step0 + i)
 
 
-def log_debugging_reports(paths: ProjectPaths) -> None:
-    """The gradient-flow and activation reports the observers wrote, as MLflow artifacts."""
+def log_debugging_reports(reports: Iterable[Path]) -> None:
+    """The gradient-flow and activation reports the observers wrote, as MLflow artifacts (the
+    stage names them: they are its declared outputs)."""
     import mlflow
 
-    for report in (
-        paths.gradient_flow_plot,
-        paths.gradient_flow_report,
-        paths.activation_stats_report,
-    ):
+    for report in reports:
         if report.is_file():
             mlflow.log_artifact(str(report), artifact_path="debugging")
 

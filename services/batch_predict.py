@@ -27,6 +27,17 @@ from imageclf.io import atomic_path
 from imageclf.paths import get_paths
 from imageclf.tracking import tracking_uri
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection"): a
+# file or folder name such as "=HYPERLINK(...).png" must reach the CSV as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """``value`` as a spreadsheet shows it: text that would start a formula gets a leading '."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out, suffix=".csv") as out, out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
     failed = sum(1 for row in rows if row.get("error"))
     print(f"{len(rows) - failed} images classified, {failed} unreadable -> {args.out}")
     return 0

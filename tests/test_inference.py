@@ -4,7 +4,9 @@ batching."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from imageclf.deploy.inference import (
     encode_png,
     load_examples,
     pick_examples,
+    read_image_file,
     save_examples,
 )
 from imageclf.models.zoo import ServingGraph, build_model
@@ -132,6 +135,58 @@ def test_classify_files_reports_unreadable_files(classifier, tmp_path: Path):
     rows = classify_files(classifier, [good, bad], LIMITS, top_k=2)
     assert rows[0]["error"] == "" and rows[0]["label_1"] in "abcd" and "label_2" in rows[0]
     assert "not an image" in rows[1]["error"]
+
+
+def test_classify_files_reads_only_regular_files_and_never_past_the_limit(
+    classifier, tmp_path: Path
+):
+    """A .png that is a link to /dev/zero (endless), a FIFO (blocks forever), a folder, or a
+    file over serving.max_request_bytes: each gets its reason in its row, at once, without
+    being read (the FIFO has no writer: reading it would hang the run)."""
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(Image.new("L", (12, 12), 200)))
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.truncate(LIMITS.max_request_bytes + 1)
+    rows = classify_files(classifier, sorted(tmp_path.iterdir()), LIMITS, top_k=1)
+    errors = {Path(r["file"]).name: r["error"] for r in rows}
+    assert errors["good.png"] == ""
+    for name in ("zero.png", "pipe.png", "folder.png"):
+        assert "is not a regular file" in errors[name], errors
+    assert f"over the {LIMITS.max_request_bytes}-byte limit" in errors["big.png"]
+    with pytest.raises(InputError) as caught:
+        read_image_file(good, 10)
+    assert caught.value.status == 413
+
+
+def test_batch_predict_writes_names_that_look_like_formulas_as_text(
+    classifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A file or folder name such as ``=HYPERLINK(...)`` reaches the CSV as text, not as a
+    formula a spreadsheet would run (OWASP's CSV injection)."""
+    from services import batch_predict
+
+    folder = tmp_path / "=HYPERLINK(evil)"
+    folder.mkdir()
+    (folder / "+1.png").write_bytes(encode(Image.new("L", (12, 12), 9)))
+    (folder / "@x.png").write_bytes(b"not an image")
+    out = tmp_path / "p.csv"
+    monkeypatch.chdir(tmp_path)  # a relative folder: the file column starts with "="
+    code = batch_predict.main(
+        ["=HYPERLINK(evil)", "--out", str(out), "--onnx", str(classifier.path)]
+    )
+    assert code == 0
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["file"] for r in rows) == [
+        "'=HYPERLINK(evil)/+1.png",
+        "'=HYPERLINK(evil)/@x.png",
+    ]
+    assert all(not str(v).startswith(batch_predict.FORMULA_START) for r in rows for v in r.values())
+    assert batch_predict.csv_safe("-2+3") == "'-2+3" and batch_predict.csv_safe(0.5) == 0.5
 
 
 def test_phone_photos_pass_the_default_limits_and_decode_to_the_model_size():

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -474,6 +476,30 @@ class AdaptiveBatcher:
                 start = end
 
 
+def read_image_file(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes for decoding, read no further than ``max_bytes``: only a regular file (a
+    link to /dev/zero would never end, a FIFO would block the run), checked on the opened file
+    itself, so nothing can be swapped in between the check and the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(
+                f"{path.name} is not a regular file (a folder, device, FIFO or socket): only image "
+                "files are read."
+            )
+        if info.st_size > max_bytes:
+            raise InputError(
+                f"{path.name} is {info.st_size} bytes, over the {max_bytes}-byte limit "
+                "(serving.max_request_bytes).",
+                status=413,
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(max_bytes + 1)  # a file that grew is caught by decode_image
+    finally:
+        os.close(fd)
+
+
 def classify_files(
     model: OnnxClassifier,
     files: Sequence[Path],
@@ -490,11 +516,8 @@ def classify_files(
         arrays, ok = [], []
         for row, path in zip(chunk_rows, chunk, strict=True):
             try:
-                arrays.append(
-                    decode_image(
-                        path.read_bytes(), limits, model.size, model.channels, name=path.name
-                    )
-                )
+                data = read_image_file(path, limits.max_request_bytes)
+                arrays.append(decode_image(data, limits, model.size, model.channels, path.name))
                 ok.append(row)
             except (InputError, OSError) as exc:
                 row["error"] = str(exc)

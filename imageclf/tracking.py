@@ -17,9 +17,12 @@ from typing import Any
 from imageclf.paths import ProjectPaths
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+# Query parameters that carry a secret: passwords and tokens, and the signatures and credentials
+# of signed URLs (S3's X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token; GCS's
+# X-Goog-Signature and X-Goog-Credential; Azure SAS's sig): any key that ends in one of these.
 _SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pwd|token|access_token|secret|key|sig|signature)=)"
-    r"[^&;#\s]*",
+    r"(?P<key>[?&;][\w.-]*?(?:password|passwd|pwd|token|secret|signature|credential|sig|key"
+    r"|keyid)=)[^&;#\s]*",
     re.IGNORECASE,
 )
 

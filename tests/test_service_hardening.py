@@ -792,6 +792,26 @@ def test_redact_uri_hides_credentials_only():
     assert redact_uri("http://host:5000") == "http://host:5000"
     text = "cannot reach http://a:b@h:1/x (also https://tok@h2)"
     assert scrub_credentials(text) == "cannot reach http://***@h:1/x (also https://***@h2)"
+    # Signed URLs (S3, GCS, Azure SAS): the signature and credentials go, the rest stays.
+    s3 = (
+        "https://b.s3.amazonaws.com/m.onnx?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIA%2F20261208&X-Amz-Security-Token=FwoGZX&X-Amz-Expires=60"
+        "&X-Amz-Signature=9f86d08"
+    )
+    assert redact_uri(s3) == (
+        "https://b.s3.amazonaws.com/m.onnx?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Expires=60&X-Amz-Signature=***"
+    )
+    gcs = "https://storage.googleapis.com/b/o?X-Goog-Credential=sa%40p&X-Goog-Signature=ab12"
+    assert redact_uri(gcs) == (
+        "https://storage.googleapis.com/b/o?X-Goog-Credential=***&X-Goog-Signature=***"
+    )
+    assert redact_uri("https://a.blob.core.windows.net/c/m?sv=2024&sig=Zm9v%3D") == (
+        "https://a.blob.core.windows.net/c/m?sv=2024&sig=***"
+    )
+    assert (
+        scrub_credentials("GET /x?api_key=123&page=2 failed") == "GET /x?api_key=***&page=2 failed"
+    )
 
 
 def test_serving_limits_are_consistent(default_params):

@@ -675,3 +675,46 @@ def install_request_timeout() -> None:
     from bentoml._internal.server.http import traffic
 
     traffic.TimeoutMiddleware = RequestTimeout  # type: ignore[misc, assignment]
+
+
+# BentoML logs every exception an endpoint raises with its traceback, refusals included: a
+# client sending bad images would flood the log with tracebacks of nothing wrong on the server.
+BENTOML_ENDPOINT_LOGGER = "bentoml._internal.server.http_app"
+
+
+def _is_refusal(exc: BaseException | None) -> int | None:
+    """The 4xx status an exception answers with (a BentoML error below 500, or pydantic's
+    validation error, which BentoML answers with 400), else None: a fault of the server."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return HTTPStatus.BAD_REQUEST
+    code = getattr(exc, "error_code", None)
+    if isinstance(code, int) and 400 <= int(code) < 500:
+        return int(code)
+    return None
+
+
+class RefusalsInOneLine:
+    """A logging filter: a refused request is one line (path, status, reason) at WARNING, not
+    an ERROR with a traceback; a server fault keeps its traceback."""
+
+    def filter(self, record: Any) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = _is_refusal(exc)
+        if status is not None:
+            reason = " ".join(str(exc).split())[:300]
+            record.msg = f"{record.getMessage()} -> {status}: {scrub_credentials(reason)}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = 30, "WARNING"
+        return True
+
+
+def log_refusals_in_one_line() -> None:
+    """Put the filter on BentoML's endpoint logger, once per process."""
+    import logging
+
+    logger = logging.getLogger(BENTOML_ENDPOINT_LOGGER)
+    if not any(isinstance(f, RefusalsInOneLine) for f in logger.filters):
+        logger.addFilter(RefusalsInOneLine())

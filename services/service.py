@@ -58,6 +58,7 @@ from services.limits import (
     TaskLimit,
     UploadForms,
     install_request_timeout,
+    log_refusals_in_one_line,
 )
 from services.schemas import (
     BatchClassification,
@@ -166,6 +167,7 @@ class ImageClassifier:
         # MLflow's calls bounded by serving.registry_timeout_s.
         use_upload_temp_dir(LIMITS.upload_temp_dir)
         bound_registry_calls(LIMITS.registry_timeout_s)
+        log_refusals_in_one_line()  # bad input is a line in the log, not a traceback
         params = load_params(get_paths().params)  # the registry and monitoring sections
         # Decodes uploads on serving.decode_threads threads per worker, off the event loop.
         self.decoder = Decoder(LIMITS)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import weakref
+from http import HTTPStatus
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -418,3 +419,44 @@ def test_lingering_close_answers_a_client_that_stops_sending_after_its_bound():
         return sent
 
     assert asyncio.run(stalled_client()) == ["http.response.start", "http.response.body"]
+
+
+def test_refusals_are_logged_in_one_line_and_server_faults_with_their_traceback():
+    """BentoML logs every exception an endpoint raises with a traceback: the filter turns a
+    refusal (a 4xx BentoML error, pydantic's validation error) into one WARNING line."""
+    import logging
+    import sys
+
+    from bentoml.exceptions import BentoMLException
+    from pydantic import BaseModel, ValidationError
+
+    from services.limits import RefusalsInOneLine
+
+    class Form(BaseModel):
+        image: bytes
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord(
+            "bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]", ("/classify", "POST"),
+            info,
+        )  # fmt: skip
+
+    refused = BentoMLException("x.png is not an image", error_code=HTTPStatus(415))
+    try:
+        Form()
+    except ValidationError as exc:
+        invalid = exc
+    fault = RuntimeError("a bug")
+    out = []
+    for exc in (refused, invalid, fault):
+        r = record(exc)
+        assert RefusalsInOneLine().filter(r)
+        out.append(r)
+    assert out[0].getMessage() == "Exception on /classify [POST] -> 415: x.png is not an image"
+    assert out[0].exc_info is None and out[0].levelname == "WARNING"
+    assert out[1].getMessage().startswith("Exception on /classify [POST] -> 400: 1 validation")
+    assert out[2].exc_info is not None and out[2].levelname == "ERROR"  # a bug keeps its trace

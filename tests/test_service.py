@@ -211,6 +211,27 @@ def test_bad_input_is_4xx_with_reason(server, test_images, name, files, status, 
     assert ok.status_code == 200
 
 
+def test_refused_requests_are_one_line_in_the_log_not_a_traceback(served):
+    """Bad input is the client's problem: the log gets one line per refusal (path, status,
+    reason), so a client sending garbage cannot flood it with tracebacks."""
+    proc, url = served
+    log = proc.log_path
+    before = log.stat().st_size
+    for data in (b"hello, I am text", b""):
+        r = httpx.post(f"{url}/classify", files={"image": ("x.png", data, "image/png")})
+        assert 400 <= r.status_code < 500
+    assert httpx.post(f"{url}/classify", timeout=30).status_code == 400  # no file at all
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the workers' log lines reach the file asynchronously
+        new = log.read_bytes()[before:].decode(errors="replace")
+        if new.count("Exception on /classify [POST] -> ") >= 2:
+            break
+        time.sleep(0.2)
+    assert new.count("Exception on /classify [POST] -> ") >= 2, new[-3000:]
+    assert "-> 415: image is not an image" in new and "-> 400: image is empty" in new
+    assert "Traceback" not in new, new[-3000:]
+
+
 def test_request_without_file_and_too_many_images(server, test_images):
     assert httpx.post(f"{server}/classify", timeout=30).status_code == 400
     one = png(test_images[0][0])

@@ -620,7 +620,9 @@ class TaskLimit:
 
 
 class RequestTimeout:
-    """504 when a request has not started its response within ``timeout`` seconds.
+    """504 when a request has not started its response within ``timeout`` seconds; 408 when
+    that is because its body had not all arrived (a slow client is not a server error, and
+    the alert rules count 5xx as the server's).
 
     A drop-in for BentoML's ``TimeoutMiddleware`` (bentoml 1.4.x), which arms
     ``loop.call_later(timeout, ...)`` per request and never cancels it: every finished request
@@ -646,20 +648,35 @@ class RequestTimeout:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         timer = loop.call_later(self.timeout, self._expire, waiter)
+        has_body = _header(scope, b"content-length") not in (None, b"0") or (
+            _header(scope, b"transfer-encoding") is not None
+        )
+        body_done = not has_body
+
+        async def tracked_receive() -> dict[str, Any]:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
 
         async def started_send(message: dict[str, Any]) -> None:
             if not waiter.done():
                 waiter.set_result(None)
             await send(message)
 
-        task = asyncio.ensure_future(self.app(scope, receive, started_send))
+        task = asyncio.ensure_future(self.app(scope, tracked_receive, started_send))
         task.add_done_callback(lambda _: None if waiter.done() else waiter.set_result(None))
         try:
             await waiter
         except TimeoutError:
             if task.cancel():
+                if body_done:
+                    status, why = 504, "(traffic timeout)."
+                else:
+                    status, why = 408, "before its body had all arrived: send it faster or smaller."
                 await send_json_error(
-                    send, 504, f"the request took over {self.timeout:g} s (traffic timeout)."
+                    send, status, f"the request took over {self.timeout:g} s {why}"
                 )
             return
         finally:

@@ -57,6 +57,41 @@ def test_timeout_answers_504_for_a_slow_app():
     assert status(sent) == 504 and b"traffic timeout" in sent[-1]["body"]
 
 
+def test_timeout_of_a_body_that_never_finished_arriving_is_408_not_504():
+    """A slow upload is the client's problem (408), not the server's (504): the alert rules
+    count 5xx as server errors. The same timeout once the body is in is still a 504."""
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def reads_body(scope: dict, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(5)
+
+    async def slow_client(first_only: bool) -> None:
+        chunks = [{"type": "http.request", "body": b"x" * 10, "more_body": True}]
+        if not first_only:
+            chunks.append({"type": "http.request", "body": b"y", "more_body": False})
+
+        async def receive() -> dict:
+            if chunks:
+                return chunks.pop(0)
+            await asyncio.sleep(5)  # the rest of the body never comes
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": "/", "root_path": "",
+                 "query_string": b"", "headers": [(b"content-length", b"11")]}  # fmt: skip
+        await RequestTimeout(reads_body, timeout=0.05)(scope, receive, send)
+
+    asyncio.run(slow_client(first_only=True))
+    assert status(sent) == 408 and b"before its body had all arrived" in sent[-1]["body"]
+    sent.clear()
+    asyncio.run(slow_client(first_only=False))
+    assert status(sent) == 504
+
+
 def test_timeout_leaves_no_timer_or_request_behind():
     """BentoML's own middleware kept each finished request reachable for `timeout` seconds
     (an armed timer per request): with ours, nothing of a finished request survives it."""

@@ -25,8 +25,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -514,11 +516,15 @@ class TaskLimit:
     """BentoML's async-task store bounded by count, bytes and lifetime.
 
     BentoML keeps every submitted task's whole request body (base64) and its result in one
-    SQLite file shared by the workers, for 24 hours, with no limit. Here every request to a
-    task route first drops tasks older than ``lifetime_s`` (results a client did not fetch in
-    time), and a submission that would take the store over ``max_tasks`` or ``max_bytes`` is
-    answered 429 with Retry-After. A worker counts its own submissions still in flight; across
-    workers, ones that arrive at the same instant can overshoot the bounds by one each.
+    SQLite file shared by the workers, for 24 hours, with no limit. Here a request to a task
+    route drops tasks older than ``lifetime_s`` (results a client did not fetch in time), at
+    most once every ``purge_interval_s`` per worker: a DELETE on every request was a write
+    competing with BentoML's own inserts, and under 40 concurrent submissions one of them
+    waited past BentoML's 5 s busy timeout and was lost ("database is locked"). Counting is a
+    read, which the store's WAL journal never makes a writer wait for. A submission that would
+    take the store over ``max_tasks`` or ``max_bytes`` is answered 429 with Retry-After. A
+    worker counts its own submissions still in flight; across workers, ones that arrive at the
+    same instant can overshoot the bounds by one each.
     """
 
     def __init__(
@@ -542,6 +548,8 @@ class TaskLimit:
         self.store_file = store_file
         self._pending_tasks = 0
         self._pending_bytes = 0
+        self.purge_interval_s = min(5.0, lifetime_s / 10)
+        self._purged_at = -math.inf
 
     def _route(self, path: str) -> str | None:
         for route in self.routes:
@@ -555,10 +563,13 @@ class TaskLimit:
         if not os.path.exists(path):
             return 0, 0
         with sqlite3.connect(path, timeout=30) as conn:
-            conn.execute(
-                "DELETE FROM result WHERE created_at < datetime('now', ?)",
-                (f"-{self.lifetime_s} seconds",),
-            )
+            now = time.monotonic()
+            if now - self._purged_at >= self.purge_interval_s:
+                self._purged_at = now
+                conn.execute(
+                    "DELETE FROM result WHERE created_at < datetime('now', ?)",
+                    (f"-{self.lifetime_s} seconds",),
+                )
             count, size = conn.execute(
                 "SELECT count(*), coalesce(sum(length(input) + coalesce(length(result), 0)), 0)"
                 " FROM result"

@@ -367,6 +367,41 @@ def test_task_limit_counts_bytes_and_drops_expired_tasks(tmp_path):
     assert status(asyncio.run(call(limit, path="/classify"))) == 200  # not a task route
 
 
+def test_task_limit_purges_expired_tasks_once_per_interval_not_on_every_request(tmp_path):
+    """The purge is a write that competes with BentoML's inserts: on every request it made a
+    burst of submissions lose one to "database is locked". It runs once per interval."""
+    import sqlite3
+
+    from _bentoml_impl.tasks import Sqlite3Store
+
+    from services.limits import TaskLimit
+
+    store = tmp_path / "task_result.db"
+    Sqlite3Store.init_db(str(store))
+
+    def add_expired(task_id: str) -> None:
+        with sqlite3.connect(store) as conn:
+            conn.execute(
+                "INSERT INTO result (task_id, name, input, status, created_at) VALUES "
+                "(?, 'c', zeroblob(10), 'completed', datetime('now', '-2 hours'))",
+                (task_id,),
+            )
+
+    limit = TaskLimit(
+        ok_app, routes=["/classify_async"], max_tasks=10, max_bytes=10**6, lifetime_s=3600,
+        max_request_bytes=1000, retry_after_s=1, store_file=lambda: str(store),
+    )  # fmt: skip
+    assert limit.purge_interval_s == 5.0  # min(5 s, a tenth of the lifetime)
+    add_expired("a")
+    assert limit.usage() == (0, 0)  # the first look purges
+    add_expired("b")
+    for _ in range(20):  # a burst: counted, not purged again
+        asyncio.run(call(limit, path="/classify_async/status"))
+    assert limit.usage() == (1, 10)
+    limit._purged_at -= limit.purge_interval_s  # the interval has passed
+    assert limit.usage() == (0, 0)
+
+
 def _streamed(chunks: list[bytes]) -> tuple[Any, list[str]]:
     """A receive() over ``chunks`` that logs, in one list with the sends, what happened when."""
     events: list[str] = []

@@ -159,6 +159,8 @@ def log_and_register(
             folder = f"{kind}/v{version}"
             registry.log_artifact(run_id, str(path), artifact_path=folder)
             registry.set_model_version_tag(name, version, tag, f"{folder}/{path.name}")
+            digest_of_file = hashlib.sha256(path.read_bytes()).hexdigest()
+            registry.set_model_version_tag(name, version, artifact_sha256_tag(tag), digest_of_file)
     registry.set_registered_model_alias(name, CHALLENGER, version)
     for key, value in (tags or {}).items():
         registry.set_model_version_tag(name, version, key, value)
@@ -179,6 +181,16 @@ def download_examples(tracking: str, name: str, version: str, dest: Path) -> Pat
     return _download_tagged(tracking, name, version, EXAMPLES_TAG, dest)
 
 
+def artifact_sha256_tag(tag: str) -> str:
+    """The version tag holding the SHA-256 of the artifact ``tag`` names (every file of a
+    version is verified, not only the model)."""
+    return f"{tag}_sha256"
+
+
+class ArtifactMismatch(ValueError):
+    """A version's file differs from the one registered: changed in the store since."""
+
+
 def _download_tagged(tracking: str, name: str, version: str, tag: str, dest: Path) -> Path | None:
     registry = client(tracking)
     mv = registry.get_model_version(name, version)
@@ -186,7 +198,14 @@ def _download_tagged(tracking: str, name: str, version: str, tag: str, dest: Pat
     if not artifact or not mv.run_id:
         return None
     dest.mkdir(parents=True, exist_ok=True)
-    return Path(registry.download_artifacts(mv.run_id, artifact, str(dest)))
+    path = Path(registry.download_artifacts(mv.run_id, artifact, str(dest)))
+    recorded = mv.tags.get(artifact_sha256_tag(tag))
+    if recorded and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        raise ArtifactMismatch(
+            f"{name} v{version}'s {artifact} does not match the SHA-256 recorded at "
+            "registration: it was changed or tampered with in the artifact store."
+        )
+    return path
 
 
 def _metric(registry: Any, name: str, version: str, metric: str) -> float | None:

@@ -26,12 +26,14 @@ import torch
 from imageclf.config import Params, load_params
 from imageclf.deploy.champion import ChampionWatcher, bound_registry_calls, remove_orphaned_folders
 from imageclf.deploy.export import export_onnx
-from imageclf.deploy.inference import resolve_model
+from imageclf.deploy.inference import resolve_model, save_examples
 from imageclf.models.zoo import build_model
 from imageclf.paths import ProjectPaths
 from imageclf.registry import (
+    EXAMPLES_TAG,
     LATENCY_METRIC,
     SHA256_TAG,
+    artifact_sha256_tag,
     log_and_register,
     promote,
     rollback,
@@ -184,6 +186,68 @@ def test_tampered_champion_is_refused_and_the_served_one_kept(store, onnx_files,
 
     rollback(CFG, "tampered file", store)  # back to the served version: nothing pending
     assert w.poll() is None and w.refused is None and w.reason == ""
+
+
+def register_with_examples(tracking: str, onnx_path: Path, examples: Path) -> str:
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({"test_accuracy": 0.9, LATENCY_METRIC: 1.0})
+    example = np.random.default_rng(0).random((2, 1, 12, 12), dtype=np.float32)
+    return log_and_register(
+        tracking, PARAMS, run.info.run_id, onnx_path, example, SAME_DATA, examples=examples
+    )
+
+
+def stored_examples(version: str) -> Path:
+    """The version's example images in the artifact store."""
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(CFG.model_name, version)
+    root = Path(client.get_run(mv.run_id).info.artifact_uri.removeprefix("file://"))
+    return root / mv.tags[EXAMPLES_TAG]
+
+
+def test_every_file_of_a_version_is_verified_and_a_bad_one_never_leaks_or_crashes(
+    store, onnx_files, tmp_path, monkeypatch
+):
+    """The examples file is hashed at registration like the model: changed in the store, it
+    refuses the version, whose download is deleted at once and not fetched again each poll; a
+    broken one (registered so) costs only the examples; and any other failure while loading a
+    version refuses it instead of crashing a worker that is starting."""
+    images = np.full((4, 12, 12, 1), 7, dtype=np.uint8)
+    good = tmp_path / "examples.npz"
+    save_examples(good, images, np.arange(4), CLASSES)
+    a = register_with_examples(store, onnx_files[0], good)
+    b = register_with_examples(store, onnx_files[1], good)
+    tags = mlflow.MlflowClient().get_model_version(CFG.model_name, b).tags
+    assert tags[artifact_sha256_tag(EXAMPLES_TAG)] == hashlib.sha256(good.read_bytes()).hexdigest()
+    assert promote(CFG, a, tracking=store).promoted
+    for parent in ("w", "fresh"):
+        (tmp_path / parent).mkdir()
+    w = watcher(store, tmp_path / "w")
+    served = w.poll()
+    assert served is not None and len(served.examples) == 4
+    stored_examples(b).write_bytes(b"not the registered file")
+    assert promote(CFG, b, tracking=store, force=True).promoted
+    for _ in range(3):  # refused once, and nothing is downloaded or left behind by later polls
+        assert w.poll() is None and w.current is served
+        assert list(w.folder.iterdir()) == [served.folder]
+    assert f"refused v{b}" in w.reason and "tampered" in w.reason
+
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 a zip that is not one")
+    c = register_with_examples(store, onnx_files[1], broken)
+    assert promote(CFG, c, tracking=store, force=True).promoted
+    loaded = w.poll()
+    assert loaded is not None and loaded.ref.version == c and loaded.examples == []
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr(ChampionWatcher, "_examples", fails)
+    fresh = watcher(store, tmp_path / "fresh")  # a worker starting now: must not crash
+    for _ in range(2):
+        assert fresh.poll() is None and fresh.current is None
+        assert list(fresh.folder.iterdir()) == []
+    assert f"refused v{c}" in fresh.reason and "something nobody foresaw" in fresh.reason
 
 
 def test_version_without_recorded_sha256(store, onnx_files, tmp_path):

@@ -157,6 +157,12 @@ class ChampionWatcher:
             shutil.rmtree(folder, ignore_errors=True)
             self._note(str(exc))
             return None
+        except Exception as exc:  # anything else about this version: never a worker's crash
+            shutil.rmtree(folder, ignore_errors=True)
+            reason = scrub_credentials(f"it does not load: {type(exc).__name__}: {exc}")
+            self.refused = Refusal(version, reason, recorded)
+            log.error("refused %s v%s: %s", self.name, version, reason)
+            return None
         previous, self.current, self.refused = self.current, loaded, None
         if previous is not None:
             # ONNX Runtime holds the model in memory: the file is not needed by requests still
@@ -195,15 +201,16 @@ class ChampionWatcher:
 
     def _examples(self, ref: ModelRef, folder: Path) -> list[Example]:
         """The test images registered with this version, for the web page: they follow the
-        version (its classes, its input size). Missing ones cost only the examples."""
-        import mlflow
-
-        from imageclf.registry import download_examples
+        version (its classes, its input size). Missing or unreadable ones cost only the
+        examples; a file that differs from the one registered refuses the version."""
+        from imageclf.registry import ArtifactMismatch, download_examples
 
         try:
             path = download_examples(self.tracking_uri, ref.name, ref.version, folder)
             return load_examples(path) if path is not None else []
-        except (mlflow.exceptions.MlflowException, OSError, ValueError, KeyError) as exc:
+        except ArtifactMismatch as exc:
+            raise ModelRejected(str(exc), ref.version) from exc
+        except Exception as exc:  # a registry hiccup or a broken file: the page has no examples
             log.warning(
                 "no example images for %s v%s: %s",
                 ref.name,

@@ -58,6 +58,7 @@ from services.limits import (
     TaskLimit,
     UploadForms,
     install_request_timeout,
+    install_route_labelled_metrics,
     log_refusals_in_one_line,
 )
 from services.schemas import (
@@ -542,6 +543,7 @@ OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/ui/")
 # module, and creates the ImageClassifier object only later, in the lifespan: __init__ would be
 # too late to swap in RequestTimeout, so it is swapped here (services/limits.py says why).
 install_request_timeout()
+install_route_labelled_metrics()  # /metrics labels by route, not by whatever path was asked
 
 # Outermost first: every refusal below gets one JSON shape; the token is checked before any
 # byte of the body is read; then the body's size, the upload form, the task store.

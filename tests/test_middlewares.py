@@ -530,3 +530,25 @@ def test_refusals_are_logged_in_one_line_and_server_faults_with_their_traceback(
     assert out[0].exc_info is None and out[0].levelname == "WARNING"
     assert out[1].getMessage().startswith("Exception on /classify [POST] -> 400: 1 validation")
     assert out[2].exc_info is not None and out[2].levelname == "ERROR"  # a bug keeps its trace
+
+
+def test_metrics_label_a_request_by_its_route_and_any_other_path_as_one():
+    """Random paths must not each make a Prometheus series (300 of them grew /metrics to 25 MB):
+    the label is an endpoint, one of its task actions, the page, a built-in path, or other."""
+    from services.limits import OTHER_ROUTE, route_label
+
+    routes = ["/classify", "/classify_async", "/model_info"]
+    for path, label in [
+        ("/classify", "/classify"),
+        ("/classify_async/submit", "/classify_async/submit"),
+        ("/classify_async/status", "/classify_async/status"),
+        ("/ui", "/ui"),
+        ("/ui/api/classify", "/ui"),
+        ("/livez", "/livez"),
+        ("/metrics", "/metrics"),
+        ("/classify/../../etc/passwd", OTHER_ROUTE),
+        ("/classify_async/anything", OTHER_ROUTE),
+        ("/wp-admin.php", OTHER_ROUTE),
+        ("/x" * 500, OTHER_ROUTE),
+    ]:
+        assert route_label(path, routes) == label, path

@@ -232,6 +232,18 @@ def test_refused_requests_are_one_line_in_the_log_not_a_traceback(served):
     assert "Traceback" not in new, new[-3000:]
 
 
+def test_random_paths_do_not_grow_metrics(server):
+    """Each request to a path that is no route counts under one label, "other": a scanner
+    trying thousands of paths cannot grow /metrics (or Prometheus) by a series each."""
+    before = httpx.get(f"{server}/metrics").text
+    for i in range(40):
+        assert httpx.get(f"{server}/no-such-path-{i}").status_code == 404
+    after = httpx.get(f"{server}/metrics").text
+    assert "no-such-path" not in after
+    assert 'endpoint="other"' in after
+    assert len(after) - len(before) < 20_000  # not ~80 KB a path, as before
+
+
 def test_request_without_file_and_too_many_images(server, test_images):
     assert httpx.post(f"{server}/classify", timeout=30).status_code == 400
     one = png(test_images[0][0])

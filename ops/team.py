@@ -20,14 +20,16 @@ that the two agree. docs/team-mode.md maps it onto machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import ipaddress
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -548,10 +550,27 @@ def configure_dvc_remote(team: Team) -> str | None:
 
 
 # --------------------------------------------------------------------------- commands
+def check_exposure(host: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse to listen beyond this machine with an open service: on a non-loopback
+    ``team.host`` anyone who reaches it could classify, read /model_info and fill the task
+    store; the service's token (IMAGECLF_API_TOKEN) must be set first."""
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if not loopback and not environ.get("IMAGECLF_API_TOKEN"):
+        raise TeamError(
+            f"team.host is {host}, which other machines can reach, and the service has no "
+            "token: set IMAGECLF_API_TOKEN (every client then sends it; docs/serving.md), or "
+            "keep team.host: 127.0.0.1. MLflow's and Prefect's servers have no login of their "
+            "own: put them behind a firewall or VPN (docs/team-mode.md)."
+        )
+
+
 def up(team: Team, say: Callable[[str], None] = print) -> None:
     """Start whatever is not running yet, in dependency order, and wait until each is ready."""
     if not (team.root / "prefect.yaml").is_file():
         raise TeamError(f"{team.root} has no prefect.yaml: run from the project's folder.")
+    check_exposure(team.params.host)
     team.folder.mkdir(parents=True, exist_ok=True)
     # The folder is local state: ignored by Git wherever the project is.
     (team.folder / ".gitignore").write_text("*\n")

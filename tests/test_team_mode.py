@@ -274,3 +274,14 @@ def test_missing_postgresql_says_make_setup(monkeypatch):
     monkeypatch.setattr(ops.team, "POSTGRES_GLOB", "/nonexistent/postgresql/*/bin")
     with pytest.raises(TeamError, match="make setup"):
         ops.team.postgres_bin("initdb")
+
+
+def test_a_host_other_machines_reach_needs_the_service_token():
+    """team.host beyond loopback with an open service would let anyone classify and fill the
+    task store: refused until IMAGECLF_API_TOKEN is set."""
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        ops.team.check_exposure(host, environ={})
+    for host in ("0.0.0.0", "10.1.2.3", "::", "team-box.example.com"):
+        with pytest.raises(TeamError, match="IMAGECLF_API_TOKEN"):
+            ops.team.check_exposure(host, environ={})
+        ops.team.check_exposure(host, environ={"IMAGECLF_API_TOKEN": "s3cret"})

@@ -24,6 +24,7 @@ import contextlib
 import glob
 import ipaddress
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,7 @@ import httpx
 
 from imageclf.config import ParamsError, TeamParams, load_params
 from imageclf.paths import get_paths
+from imageclf.tracking import redact_uri
 from ops.local_servers import group_alive, start, stop_group, wait_ready
 from pipelines import deployments
 
@@ -108,9 +110,24 @@ class Team:
     def service_url(self) -> str:
         return self.url(self.params.service_port)
 
+    @property
+    def password_file(self) -> Path:
+        """The PostgreSQL user's generated password (0600): a cluster made by team mode asks
+        for it (scram-sha-256), not ``trust``, so no other local user gets in without it."""
+        return self.folder / "postgres.password"
+
+    def postgres_password(self) -> str | None:
+        """The password, or None for a cluster initialised with ``trust`` before it existed."""
+        path = self.password_file
+        return path.read_text().strip() if path.is_file() else None
+
     def database_url(self, database: str, driver: str = "postgresql") -> str:
+        """The database's URL, password included: give it to servers in their environment,
+        never on a command line (``ps`` shows those to every user), and redact it to print."""
         p = self.params
-        return f"{driver}://{p.postgres_user}@{p.host}:{p.postgres_port}/{database}"
+        password = self.postgres_password()
+        login = f"{p.postgres_user}:{password}" if password else p.postgres_user
+        return f"{driver}://{login}@{p.host}:{p.postgres_port}/{database}"
 
     @property
     def dvc_remote(self) -> str:
@@ -166,9 +183,7 @@ def _mlflow_cmd(team: Team) -> list[str]:
     p = team.params
     return [
         _bin("mlflow"),
-        "server",
-        "--backend-store-uri",
-        team.database_url("mlflow"),
+        "server",  # the store's URL (with its password) is in MLFLOW_BACKEND_STORE_URI
         "--serve-artifacts",
         "--artifacts-destination",
         str(team.artifacts),
@@ -184,7 +199,10 @@ def _mlflow_cmd(team: Team) -> list[str]:
 def _mlflow_env(team: Team) -> dict[str, str]:
     # The job runner (GenAI scorers, trace roll-ups) starts ~6 more processes: none is needed
     # for tracking and the registry.
-    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_BACKEND_STORE_URI": team.database_url("mlflow"),
+    }
 
 
 def _prefect_server_cmd(team: Team) -> list[str]:
@@ -358,9 +376,21 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", POSTGRES_OS_USER, "--", *cmd]
 
 
+def _new_password(team: Team) -> str:
+    """Generate the cluster's password into ``team.password_file`` (0600, this user's)."""
+    password = secrets.token_urlsafe(24)  # URL-safe: it goes into database URLs as it is
+    team.folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(team.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password + "\n")
+    return password
+
+
 def _pg(team: Team, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    password = team.postgres_password()
+    env = {**os.environ, **({"PGPASSWORD": password} if password else {})}
     proc = subprocess.run(
-        _as_postgres(list(cmd)), capture_output=True, text=True, timeout=120, check=False
+        _as_postgres(list(cmd)), capture_output=True, text=True, timeout=120, check=False, env=env
     )
     if check and proc.returncode != 0:
         raise TeamError(f"{Path(cmd[0]).name} failed: {(proc.stderr or proc.stdout).strip()}")
@@ -382,20 +412,32 @@ def _init_postgres(team: Team) -> None:
                 f"the '{POSTGRES_OS_USER}' user cannot write {team.pgdata} (a parent folder is "
                 "not searchable by other users): put the project, or team.folder, where it can."
             )
-    # Trust on loopback only: one machine. A shared cluster uses passwords or a managed service
-    # (docs/team-mode.md).
-    _pg(
-        team,
-        str(postgres_bin("initdb")),
-        "-D",
-        str(team.pgdata),
-        "-A",
-        "trust",
-        "-U",
-        team.params.postgres_user,
-        "-E",
-        "UTF8",
-    )
+    # Password authentication (scram-sha-256), even on loopback: with ``trust`` any local user
+    # could open the registry's and Prefect's databases. initdb reads the password from a file
+    # its (unprivileged) user can read, removed right after.
+    password = _new_password(team)
+    pwfile = team.pgdata.parent / ".initdb-password"
+    pwfile.write_text(password + "\n")
+    os.chmod(pwfile, 0o600)
+    if os.geteuid() == 0:
+        shutil.chown(pwfile, POSTGRES_OS_USER, POSTGRES_OS_USER)
+    try:
+        _pg(
+            team,
+            str(postgres_bin("initdb")),
+            "-D",
+            str(team.pgdata),
+            "-A",
+            "scram-sha-256",
+            "--pwfile",
+            str(pwfile),
+            "-U",
+            team.params.postgres_user,
+            "-E",
+            "UTF8",
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
 
 
 def _start_postgres(team: Team) -> str:
@@ -620,7 +662,7 @@ def down(team: Team, say: Callable[[str], None] = print) -> None:
 def status(team: Team, say: Callable[[str], None] = print) -> dict[str, int | None]:
     """What runs where (pid, URL); returns the pids (None: not running)."""
     where = {
-        "postgres": team.database_url("{mlflow,prefect}"),
+        "postgres": redact_uri(team.database_url("{mlflow,prefect}")),
         "mlflow": f"{team.mlflow_url} (UI, API, artifact proxy)",
         "prefect-server": f"{team.url(team.params.prefect_port)} (UI; API {team.prefect_api})",
         "prefect-worker": f"work pool {work_pool(team.root)}",

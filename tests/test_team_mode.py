@@ -126,6 +126,16 @@ def test_ui_run_is_executed_by_the_worker_and_its_champion_is_served(team):
     # Prefect's and MLflow's state is in PostgreSQL.
     p = team.params
     dsn = f"host={p.host} port={p.postgres_port} user={p.postgres_user}"
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(f"{dsn} dbname=mlflow")  # no trust: the generated password is needed
+    assert team.password_file.stat().st_mode & 0o777 == 0o600
+    password = team.postgres_password()
+    assert password
+    for component in TOPOLOGY:  # never on a command line: `ps` shows those to every user
+        pid = _pid(team, component.name)
+        if pid:
+            assert password not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    dsn += f" password={password}"
     with psycopg.connect(f"{dsn} dbname=prefect") as db:
         (state,) = db.execute(
             "select state_type from flow_run where id = %s", (flow_run.id,)

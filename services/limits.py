@@ -812,3 +812,36 @@ def install_route_labelled_metrics() -> None:
     current = instruments.RunnerTrafficMetricsMiddleware
     if not hasattr(current, "original"):
         instruments.RunnerTrafficMetricsMiddleware = route_labelled(current)  # type: ignore[misc]
+
+
+# BentoML gives each request a temp folder for its uploads from a pool that keeps every folder
+# it ever made: after a burst of 100 concurrent requests, 100 empty folders stay in the upload
+# temp dir (/dev/shm) for the life of the worker. The pool here keeps this many; a folder
+# released beyond them is removed.
+KEEP_REQUEST_DIRS = 16
+
+
+def bounded_tempdir_pool(keep: int) -> Any:
+    """BentoML's request temp-folder pool, keeping at most ``keep`` idle folders."""
+    import shutil
+
+    from bentoml._internal.utils.filesystem import TempfilePool
+
+    class BoundedTempfilePool(TempfilePool):
+        def release(self, dir: str) -> None:
+            super().release(dir)
+            with self._lock:
+                extra = [self._pool.pop() for _ in range(max(len(self._pool) - keep, 0))]
+            for folder in extra:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    return BoundedTempfilePool(prefix="bentoml-request-")
+
+
+def bound_request_temp_dirs(keep: int = KEEP_REQUEST_DIRS) -> None:
+    """Put the bounded pool in BentoML's place, once per worker (its functions look the pool
+    up by name at each request)."""
+    from bentoml._internal import context
+
+    if type(context.request_tempdir_pool).__name__ != "BoundedTempfilePool":
+        context.request_tempdir_pool = bounded_tempdir_pool(keep)

@@ -57,6 +57,7 @@ from services.limits import (
     LingeringClose,
     TaskLimit,
     UploadForms,
+    bound_request_temp_dirs,
     install_request_timeout,
     install_route_labelled_metrics,
     log_refusals_in_one_line,
@@ -169,6 +170,7 @@ class ImageClassifier:
         use_upload_temp_dir(LIMITS.upload_temp_dir)
         bound_registry_calls(LIMITS.registry_timeout_s)
         log_refusals_in_one_line()  # bad input is a line in the log, not a traceback
+        bound_request_temp_dirs()  # a burst's upload folders do not stay in /dev/shm
         params = load_params(get_paths().params)  # the registry and monitoring sections
         # Decodes uploads on serving.decode_threads threads per worker, off the event loop.
         self.decoder = Decoder(LIMITS)

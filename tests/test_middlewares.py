@@ -7,6 +7,7 @@ import gc
 import json
 import weakref
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -552,3 +553,28 @@ def test_metrics_label_a_request_by_its_route_and_any_other_path_as_one():
         ("/x" * 500, OTHER_ROUTE),
     ]:
         assert route_label(path, routes) == label, path
+
+
+def test_request_temp_folders_beyond_the_pools_bound_are_removed(tmp_path, monkeypatch):
+    """BentoML's pool kept every request folder it made: after a burst of 40 concurrent
+    requests, 40 folders stayed in /dev/shm. The bounded pool keeps KEEP_REQUEST_DIRS."""
+    import tempfile
+
+    from bentoml._internal import context
+
+    from services.limits import bound_request_temp_dirs, bounded_tempdir_pool
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pool = bounded_tempdir_pool(keep=4)
+    folders = [pool.acquire() for _ in range(40)]  # a burst: 40 requests at once
+    for i, folder in enumerate(folders):
+        (Path(folder) / f"upload-{i}.png").write_bytes(b"x")
+    for folder in folders:
+        pool.release(folder)
+    kept = set(tmp_path.iterdir())
+    assert len(kept) == 4  # the pool's idle folders, emptied
+    assert not list(tmp_path.rglob("*.png"))
+    assert Path(pool.acquire()) in kept  # reused, not made anew
+    monkeypatch.setattr(context, "request_tempdir_pool", context.request_tempdir_pool)
+    bound_request_temp_dirs()
+    assert type(context.request_tempdir_pool).__name__ == "BoundedTempfilePool"

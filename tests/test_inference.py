@@ -49,20 +49,26 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
+def tiny_classifier(path: Path, channels: int, serving_graph: bool) -> OnnxClassifier:
+    """A 4-class 12x12 model exported with the metadata the service reads; ``serving_graph``:
+    as the export stage writes it (logits and the embedding), else the bare model."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    model = build_model("resnet_small", 4, channels, 4).eval()
     export_onnx(
-        build_model("resnet_small", 4, 1, 4).eval(),
+        ServingGraph(model, views=1) if serving_graph else model,
         path,
-        (1, 12, 12),
+        (channels, 12, 12),
         metadata={
             "classes": '["a", "b", "c", "d"]',
-            "input": '{"height": 12, "width": 12, "channels": 1}',
+            "input": f'{{"height": 12, "width": 12, "channels": {channels}}}',
         },
     )
     return OnnxClassifier(path)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
+    return tiny_classifier(tmp_path_factory.mktemp("onnx") / "m.onnx", 1, serving_graph=False)
 
 
 def test_decode_any_mode_to_model_shape():
@@ -208,18 +214,7 @@ def test_phone_photos_pass_the_default_limits_and_decode_to_the_model_size():
 @pytest.fixture(scope="module")
 def rgb_classifier(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
     """An RGB model exported as the export stage does: logits and the embedding."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("rgb") / "rgb.onnx"
-    export_onnx(
-        ServingGraph(build_model("resnet_small", 4, 3, 4).eval(), views=1),
-        path,
-        (3, 12, 12),
-        metadata={
-            "classes": '["a", "b", "c", "d"]',
-            "input": '{"height": 12, "width": 12, "channels": 3}',
-        },
-    )
-    return OnnxClassifier(path)
+    return tiny_classifier(tmp_path_factory.mktemp("rgb") / "rgb.onnx", 3, serving_graph=True)
 
 
 def test_monitoring_keeps_reference_and_embeddings_for_rgb_models(rgb_classifier, tmp_path):

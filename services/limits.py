@@ -758,15 +758,27 @@ BUILTIN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/do
 _REAL_PATH = "imageclf.real_path"  # the scope key the real path travels under
 
 
-def route_label(path: str, routes: Iterable[str]) -> str:
-    """The metrics label of ``path``: at most one per route the service has."""
+def _matches(path: str, template: str) -> bool:
+    """``path`` fits the route ``template`` ("/ui/api/examples/{index}": any one segment)."""
+    parts, wanted = path.split("/"), template.split("/")
+    return len(parts) == len(wanted) and all(
+        w == p or (w.startswith("{") and w.endswith("}") and p)
+        for p, w in zip(parts, wanted, strict=True)
+    )
+
+
+def route_label(path: str, routes: Iterable[str], page_routes: Iterable[str] = ()) -> str:
+    """The metrics label of ``path``: at most one per route the service has (its endpoints,
+    their task actions, the web page's routes as templates, the built-in paths)."""
+    routes = list(routes)
     if path in BUILTIN_PATHS or path in routes:
         return path
-    if path == "/ui" or path.startswith("/ui/"):
-        return "/ui"
     route, _, action = path.rpartition("/")
     if action in TASK_ACTIONS and route in routes:
         return path
+    for template in page_routes:
+        if _matches(path, template):
+            return template
     return OTHER_ROUTE
 
 
@@ -784,7 +796,7 @@ class _RealPath:
         await self.app(scope, receive, send)
 
 
-def route_labelled(metrics_cls: Any) -> Any:
+def route_labelled(metrics_cls: Any, page_routes: list[str]) -> Any:
     """BentoML's traffic-metrics middleware, shown the route instead of the raw path."""
 
     class RouteLabelledMetrics:
@@ -795,7 +807,7 @@ def route_labelled(metrics_cls: Any) -> Any:
             if scope["type"] in ("http", "websocket"):
                 from bentoml._internal.context import server_context
 
-                label = route_label(scope["path"], server_context.service_routes)
+                label = route_label(scope["path"], server_context.service_routes, page_routes)
                 scope = {**scope, "path": label, _REAL_PATH: scope["path"]}
             await self.inner(scope, receive, send)
 
@@ -803,15 +815,17 @@ def route_labelled(metrics_cls: Any) -> Any:
     return RouteLabelledMetrics
 
 
-def install_route_labelled_metrics() -> None:
+def install_route_labelled_metrics(page_routes: Iterable[str]) -> None:
     """Make BentoML build its apps with route-labelled traffic metrics (looked up by name in
     ``bentoml._internal.server.http.instruments`` when the app is assembled, like the timeout
-    middleware: so the service module calls this at import)."""
+    middleware: so the service module calls this at import). ``page_routes``: the mounted web
+    page's route templates ("/ui/api/classify", "/ui/api/examples/{index}"...)."""
     from bentoml._internal.server.http import instruments
 
     current = instruments.RunnerTrafficMetricsMiddleware
-    if not hasattr(current, "original"):
-        instruments.RunnerTrafficMetricsMiddleware = route_labelled(current)  # type: ignore[misc]
+    original = getattr(current, "original", current)
+    patched = route_labelled(original, list(page_routes))
+    instruments.RunnerTrafficMetricsMiddleware = patched  # type: ignore[misc]
 
 
 # BentoML gives each request a temp folder for its uploads from a pool that keeps every folder

@@ -103,6 +103,14 @@ def use_upload_temp_dir(path: str) -> None:
 
 
 web = FastAPI(title="imageclf web page", docs_url=None, redoc_url=None, openapi_url=None)
+# The page's routes (mounted at /ui), written once: for its handlers and for /metrics' labels.
+PAGE_ROUTES = {
+    "page": "/",
+    "classify": "/api/classify",
+    "examples": "/api/examples",
+    "example": "/api/examples/{index}",
+    "info": "/api/info",
+}
 
 # Served on /metrics next to BentoML's own (BentoML aggregates its workers' multiprocess files).
 PREDICTIONS = Counter(
@@ -454,11 +462,11 @@ class ImageClassifier:
         )
 
     # ------------------------------------------------------- the web page (mounted at /ui)
-    @web.get("/")
+    @web.get(PAGE_ROUTES["page"])
     def page(self) -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @web.post("/api/classify")
+    @web.post(PAGE_ROUTES["classify"])
     async def page_classify(self, request: Request) -> JSONResponse:
         """Raw image bytes in the body (what the page sends): the leanest path to the model."""
         try:
@@ -472,7 +480,7 @@ class ImageClassifier:
             return JSONResponse({"error": exc.message}, status_code=exc.error_code.value)
         return Response(result.model_dump_json(), media_type="application/json")
 
-    @web.get("/api/examples")
+    @web.get(PAGE_ROUTES["examples"])
     def page_examples(self) -> JSONResponse:
         """The served version's example images: label and where to fetch each one."""
         examples = [
@@ -481,7 +489,7 @@ class ImageClassifier:
         ]
         return JSONResponse({"examples": examples})
 
-    @web.get("/api/examples/{index}")
+    @web.get(PAGE_ROUTES["example"])
     def page_example(self, index: int) -> Response:
         if not 0 <= index < len(self.examples):
             return JSONResponse(
@@ -494,7 +502,7 @@ class ImageClassifier:
             headers={"Cache-Control": "max-age=3600"},
         )
 
-    @web.get("/api/info")
+    @web.get(PAGE_ROUTES["info"])
     def page_info(self) -> JSONResponse:
         return Response(
             self.model_info().model_dump_json(),
@@ -545,7 +553,8 @@ OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/ui/")
 # module, and creates the ImageClassifier object only later, in the lifespan: __init__ would be
 # too late to swap in RequestTimeout, so it is swapped here (services/limits.py says why).
 install_request_timeout()
-install_route_labelled_metrics()  # /metrics labels by route, not by whatever path was asked
+# /metrics labels by route, not by whatever path was asked (the page's routes as templates).
+install_route_labelled_metrics("/ui" + route for route in PAGE_ROUTES.values())
 
 # Outermost first: every refusal below gets one JSON shape; the token is checked before any
 # byte of the body is read; then the body's size, the upload form, the task store.

@@ -539,12 +539,16 @@ def test_metrics_label_a_request_by_its_route_and_any_other_path_as_one():
     from services.limits import OTHER_ROUTE, route_label
 
     routes = ["/classify", "/classify_async", "/model_info"]
+    page = ["/ui/", "/ui/api/classify", "/ui/api/examples/{index}"]
     for path, label in [
         ("/classify", "/classify"),
         ("/classify_async/submit", "/classify_async/submit"),
         ("/classify_async/status", "/classify_async/status"),
-        ("/ui", "/ui"),
-        ("/ui/api/classify", "/ui"),
+        ("/ui/", "/ui/"),
+        ("/ui/api/classify", "/ui/api/classify"),  # the alert rules select it by name
+        ("/ui/api/examples/3", "/ui/api/examples/{index}"),
+        ("/ui/api/examples/3/4", OTHER_ROUTE),
+        ("/ui/anything", OTHER_ROUTE),
         ("/livez", "/livez"),
         ("/metrics", "/metrics"),
         ("/classify/../../etc/passwd", OTHER_ROUTE),
@@ -552,7 +556,7 @@ def test_metrics_label_a_request_by_its_route_and_any_other_path_as_one():
         ("/wp-admin.php", OTHER_ROUTE),
         ("/x" * 500, OTHER_ROUTE),
     ]:
-        assert route_label(path, routes) == label, path
+        assert route_label(path, routes, page) == label, path
 
 
 def test_request_temp_folders_beyond_the_pools_bound_are_removed(tmp_path, monkeypatch):

@@ -183,6 +183,11 @@ def test_frozen_groups_never_learn_and_the_ones_above_do(source_checkpoint):
         learned = [changed(states[epoch - 1], states[epoch], f"1.{i}.") for i in (0, 1, 2, 3, 4, 7)]
         assert learned == [False, False, True, True, True, True]
     assert all(p.requires_grad for p in model.parameters())  # released after training
+    whole = tiny_params(train={"frozen_groups": 5, "init_from": str(path)}).train
+    with pytest.raises(StageError, match="would freeze all 5 layer groups"):
+        train_model(
+            pretrained_resnet(source_checkpoint), synthetic_split(12, 3), None, whole, seed=0
+        )
 
 
 def test_frozen_batch_norm_keeps_its_statistics_and_affine_while_convs_learn(source_checkpoint):

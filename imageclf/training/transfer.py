@@ -34,6 +34,7 @@ from torch import nn
 
 from imageclf.config import TrainParams
 from imageclf.data.transforms import to_model_input
+from imageclf.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,16 @@ class TransferPlan:
     def for_model(cls, model: nn.Module, cfg: TrainParams, pretrained: bool) -> TransferPlan:
         """``pretrained``: the backbone's weights were loaded (train.pretrained or
         train.init_from); frozen BN and feature extraction only make sense then."""
+        groups = layer_groups(model)
+        backbone = len(groups) - 1  # the classifier is groups[0]
+        if pretrained and cfg.frozen_groups >= backbone:
+            raise StageError(
+                f"train.frozen_groups: {cfg.frozen_groups} would freeze all {backbone} layer "
+                f"groups of {cfg.model}'s backbone: use at most {backbone - 1}, or train.transfer:"
+                " features for a frozen backbone (its features are then computed once)."
+            )
         return cls(
-            groups=layer_groups(model),
+            groups=groups,
             freeze_epochs=cfg.freeze_epochs,
             unfreeze=cfg.unfreeze,
             layer_lr_decay=cfg.layer_lr_decay,
